@@ -1,0 +1,34 @@
+# Two commands on a fresh clone: `make run` (the main job) and `make test` (every test).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Unsloth is installed without its dependencies on a CPU: its xformers/triton needs pull CUDA builds of torch.
+UNSLOTH_CPU := unsloth==2026.10.9 unsloth_zoo==2026.10.9
+UNSLOTH_CPU_NEEDS := tyro==1.0.17 sentencepiece==0.2.3 structlog==26.1.0 nest-asyncio==1.6.0 hf_transfer==0.1.9 \
+	msgspec==0.22.0 cut_cross_entropy==25.1.1 einops==0.8.2 wheel==0.48.0
+
+.PHONY: setup run test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(UNSLOTH_CPU) $(UNSLOTH_CPU_NEEDS)
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m helpers.run
+
+test: setup
+	$(PY) -m pytest -v
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf outputs .cache

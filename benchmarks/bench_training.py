@@ -1,0 +1,619 @@
+"""Training speed and peak GPU memory: the project's SFT and DPO paths against three references, on one GPU.
+
+Every path runs in its own process, one after the other, on the same data (the shapes world: random weights with
+Llama-3.1-8B's exact shapes, synthetic data with realistic, varied lengths; see `helpers/shapes.py`):
+
+| path | what it is |
+|---|---|
+| `project_sft` | `helpers.model.load_for_training` + `helpers.train.make_sft_trainer`, the full profile's settings |
+| `plain_unsloth_loop` | Unsloth model + LoRA, a bare PyTorch loop on full fixed-length batches of random tokens |
+| `unsloth_trl_defaults_sft` | Unsloth + TRL `SFTTrainer`, default settings: batch 2, no packing, shuffled |
+| `hf_peft_bnb_sft` | the project's SFT path with `backend="hf"`: transformers + peft + bitsandbytes, no Unsloth |
+| `project_dpo` | `helpers.train.make_dpo_trainer`, the full profile's settings (length-grouped batches) |
+| `unsloth_trl_defaults_dpo` | Unsloth + TRL `DPOTrainer`, default settings: batch 2, shuffled |
+| `project_dpo_2048_b2` | the project's DPO path at `max_length` 2048, batch 2: the 16 GB GPU recipe |
+
+Counted: real (non-padding) tokens and DPO pairs, over whole steps, end to end (data loading, the optimizer, logging;
+for DPO the reference forward). Warm-up is excluded: either the first epoch of two over a fixed subset (every
+measured path sees exactly the same examples, all of them), or the first few steps followed by a time budget.
+Peak memory is `torch.cuda.max_memory_allocated` (and reserved) from the first step to the end, including one extra
+forward and backward pass on the longest examples of the data, so the worst batch is always in it.
+
+    python -m helpers.shapes --out /tmp/shapes-world --model      # on the GPU machine (random 8B weights, ~1 min)
+    python benchmarks/bench_training.py --world /tmp/shapes-world --out benchmarks/results/h200.json
+    python benchmarks/report.py benchmarks/results/h200.json       # the table, into benchmarks/README.md
+
+Only the JSON is kept; the model stays in the world folder (16 GB at most: never commit it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+GIB = 1024**3
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Rows of each dataset the benchmark reads (the same rows for every path of a stage). SFT paths run on a time
+# budget over packed or random batches, which vary little; DPO paths run two epochs over a small fixed set and
+# time the second, so grouped and shuffled batching are timed on exactly the same pairs.
+SFT_ROWS = 1200
+DPO_ROWS = 96
+
+PATHS: dict[str, dict] = {
+    "project_sft": {"kind": "project_sft", "mode": "budget", "warmup": 6, "budget_s": 25},
+    "plain_unsloth_loop": {"kind": "plain_loop", "warmup": 3, "steps": 8},
+    "project_dpo": {"kind": "project_dpo", "mode": "two_epochs", "gpu_gib": 24},
+    "unsloth_trl_defaults_dpo": {"kind": "defaults_dpo", "mode": "two_epochs"},
+    "hf_peft_bnb_sft": {"kind": "project_sft", "backend": "hf", "mode": "budget", "warmup": 2, "budget_s": 25},
+    "unsloth_trl_defaults_sft": {"kind": "defaults_sft", "mode": "budget", "warmup": 8, "budget_s": 20},
+    "project_dpo_2048_b2": {
+        "kind": "project_dpo",
+        "mode": "budget",
+        "warmup": 4,
+        "budget_s": 12,
+        "rows": 600,
+        "dpo": {"max_length": 2048, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1},
+    },
+    "project_dpo_80gb": {"kind": "project_dpo", "mode": "two_epochs", "gpu_gib": 80},
+}
+PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate", "datasets")
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+def cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+    }
+
+
+def make_meter(trainer, pad_id: int, mode: str, warmup: int, budget_s: float):
+    """Count real tokens and rows of every micro-batch and time every micro-step (a `TrainerCallback`)."""
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.counts: list[tuple[int, int]] = []  # (real tokens, rows) per micro-batch
+            self.ends: list[float] = []  # time at the end of each micro-step
+            self.epoch_starts: list[int] = []
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            cuda_sync()
+            self.start = time.perf_counter()
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.epoch_starts.append(len(self.ends))
+
+        def mark(self):
+            cuda_sync()
+            self.ends.append(time.perf_counter())
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            self.mark()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.mark()
+            first = self.first_measured()
+            if mode == "budget" and first is not None and self.ends[-1] - self.ends[first - 1] > budget_s:
+                control.should_training_stop = True
+
+        def first_measured(self) -> int | None:
+            """Index of the first measured micro-step (the ones before it are warm-up)."""
+            if mode == "two_epochs":
+                return self.epoch_starts[1] if len(self.epoch_starts) > 1 else None
+            return warmup if len(self.ends) > warmup else None
+
+    meter = Meter()
+    original = trainer.training_step
+
+    def training_step(model, inputs, *args, **kwargs):
+        ids = inputs["input_ids"]
+        meter.counts.append((int((ids != pad_id).sum()), int(ids.shape[0])))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
+    trainer.callback_handler.callbacks.insert(0, meter)
+    return meter
+
+
+def summarize(meter, stage: str) -> dict:
+    """Rates over the measured micro-steps (pairs = rows / 2 for DPO, whose batches hold chosen then rejected)."""
+    first = meter.first_measured()
+    n = min(len(meter.ends), len(meter.counts))
+    if first is None or first >= n:
+        raise RuntimeError(f"nothing measured: {n} micro-steps ran, warm-up needs {first}")
+    seconds = meter.ends[n - 1] - meter.ends[first - 1]
+    tokens = sum(c[0] for c in meter.counts[first:n])
+    rows = sum(c[1] for c in meter.counts[first:n])
+    result = {
+        "measured_micro_steps": n - first,
+        "warmup_micro_steps": first,
+        "measured_s": round(seconds, 2),
+        "real_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "warmup_s": round(meter.ends[first - 1] - meter.start, 2),
+        "micro_steps": [
+            [
+                round(meter.ends[i] - meter.ends[i - 1], 3) if i else round(meter.ends[0] - meter.start, 3),
+                *meter.counts[i],
+            ]
+            for i in range(n)
+        ][:300],
+    }
+    if stage == "dpo":
+        result["pairs"] = rows // 2
+        result["pairs_per_s"] = round(rows / 2 / seconds, 3)
+    return result
+
+
+def probe_longest(trainer, batch_size: int) -> dict:
+    """One more optimizer step, on copies of the longest example only: the worst batch for memory.
+
+    It runs through `trainer.train()` (one step), so memory is what training uses (gradient checkpointing,
+    offloading), and its peak is reported on its own.
+    """
+    from helpers.train import pair_lengths
+
+    dataset = trainer.train_dataset
+    if "chosen_ids" in dataset.column_names:
+        lengths = pair_lengths(dataset)
+    else:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    trainer.train_dataset = dataset.select([longest] * batch_size * trainer.args.gradient_accumulation_steps)
+    trainer.args.max_steps = 1
+    reset_peak()
+    start = time.perf_counter()
+    trainer.train()
+    cuda_sync()
+    return {
+        "probe_tokens_per_row": lengths[longest],
+        "probe_rows": batch_size,
+        "probe_s": round(time.perf_counter() - start, 2),
+        "probe_peak": peak_gib(),
+    }
+
+
+def train_split(profile, tokenizer, stage: str):
+    """The training rows the project's loader gives (same split and length filter as `helpers.pipeline`)."""
+    from helpers import data
+
+    if stage == "sft":
+        dataset, _ = data.load_sft_dataset(profile.sft_dataset, profile.max_sft_rows)
+        max_length = profile.sft.max_length
+    else:
+        dataset, _ = data.load_preference_dataset(profile.preference_dataset, profile.max_preference_rows)
+        max_length = profile.dpo.max_length
+    train, _ = data.split_train_eval(dataset, profile.eval_fraction, profile.seed)
+    train, line = data.filter_by_length(train, tokenizer, max_length, f"{stage} train")
+    print(line, flush=True)
+    return train
+
+
+def count_attention_calls() -> dict[str, int]:
+    """Count which of Unsloth's packed-attention routes runs: one flash call per layer, or one SDPA per sequence."""
+    counts = {"flash_varlen": 0, "per_sequence_sdpa_layers": 0}
+    try:
+        from unsloth.utils import attention_dispatch as dispatch
+    except ImportError:
+        return counts
+    lean, segments = dispatch._LeanFlashVarlen, dispatch._sdpa_packed_segments
+
+    class CountingFlashVarlen:
+        @staticmethod
+        def apply(*args):
+            counts["flash_varlen"] += 1
+            return lean.apply(*args)
+
+    def counting_segments(*args, **kwargs):
+        counts["per_sequence_sdpa_layers"] += 1
+        return segments(*args, **kwargs)
+
+    dispatch._LeanFlashVarlen, dispatch._sdpa_packed_segments = CountingFlashVarlen, counting_segments
+    return counts
+
+
+def path_check_flash_varlen(world: Path, spec: dict, tmp: Path) -> dict:
+    """`helpers.train.enable_packed_flash_attention` against one causal SDPA per sequence: outputs and gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    from helpers.train import enable_packed_flash_attention
+
+    changed = enable_packed_flash_attention()
+    from unsloth.utils import attention_dispatch as dispatch
+
+    torch.manual_seed(0)
+    lengths = [300, 700, 1048, 1, 2000]
+    total, heads, kv_heads, dim = sum(lengths), 32, 8, 128
+    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    out = dispatch._varlen_attn_call(q, k, v, cu, max(lengths), scale=None, window_size=(-1, 0), enable_gqa=True)
+    grad = torch.randn_like(out)
+    fast = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    refs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (x[a:b].float().transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        refs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+    ref = torch.cat(refs)
+    slow = [ref, *torch.autograd.grad(ref, (q, k, v), grad.float())]
+    errors = {
+        name: round(float((f.float() - s.float()).norm() / s.float().norm()), 5)
+        for name, f, s in zip(("out", "dq", "dk", "dv"), fast, slow, strict=True)
+    }
+    return {"changed": changed, "relative_errors_vs_fp32_sdpa": errors, "ok": all(e < 2e-2 for e in errors.values())}
+
+
+# --- the paths --------------------------------------------------------------------------------------------
+
+
+def bench_profile(world: Path, spec: dict, tmp: Path):
+    """The full profile on the shapes world, with the benchmark's data size, epochs and no checkpoints."""
+    from helpers.config import full_profile
+    from helpers.shapes import shapes_profile
+
+    backend = spec.get("backend", "unsloth")
+    base = full_profile(42, backend, gpu_gib=spec.get("gpu_gib"))
+    profile = shapes_profile(world, 42, backend, base=base)
+    epochs = 2 if spec.get("mode") == "two_epochs" else 1
+    common = dict(num_train_epochs=epochs, max_steps=-1, save_steps=10**9)
+    sft = replace(profile.sft, **common, **spec.get("sft", {}))
+    dpo = replace(profile.dpo, **common, **spec.get("dpo", {}))
+    return replace(
+        profile,
+        sft=sft,
+        dpo=dpo,
+        max_sft_rows=spec.get("rows", SFT_ROWS),
+        max_preference_rows=spec.get("rows", DPO_ROWS),
+        report_to_wandb=False,
+        outputs_root=str(tmp),
+    )
+
+
+def run_trainer(trainer, spec: dict, stage: str, batch_size: int) -> dict:
+    """Train with the meter attached; then probe the longest batch. Returns rates, memory and the final loss."""
+    pad_id = trainer.processing_class.pad_token_id
+    meter = make_meter(trainer, pad_id, spec.get("mode", "budget"), spec.get("warmup", 3), spec.get("budget_s", 60))
+    reset_peak()
+    output = trainer.train()
+    result = summarize(meter, stage)
+    result["train_loss"] = round(float(output.training_loss), 4)
+    result["optimizer_steps"] = trainer.state.global_step
+    result["train_rows"] = len(trainer.train_dataset)
+    result["timed_peak"] = peak_gib()
+    result.update(result["timed_peak"])
+    try:
+        result.update(probe_longest(trainer, batch_size))
+        for key, value in result["probe_peak"].items():
+            result[key] = max(result.get(key, 0), value)
+    except Exception as e:  # the probe is extra evidence; the rates stand without it
+        traceback.print_exc()
+        result["probe_error"] = f"{type(e).__name__}: {e}"[:1000]
+    return result
+
+
+def path_project_sft(world: Path, spec: dict, tmp: Path) -> dict:
+    from helpers import train
+    from helpers.model import load_for_training
+
+    profile = bench_profile(world, spec, tmp)
+    if spec.get("flash_varlen") is False:
+        train.enable_packed_flash_attention = lambda: False
+    model, tokenizer = load_for_training(profile, profile.sft.max_length)
+    trainer = train.make_sft_trainer(profile, model, tokenizer, train_split(profile, tokenizer, "sft"))
+    attention_calls = count_attention_calls()
+    result = run_trainer(trainer, spec, "sft", profile.sft.per_device_train_batch_size)
+    result["settings"] = {k: getattr(profile.sft, k) for k in ("per_device_train_batch_size", "max_length", "packing")}
+    result["attention_calls"] = attention_calls
+    return result
+
+
+def path_project_dpo(world: Path, spec: dict, tmp: Path) -> dict:
+    from helpers import train
+    from helpers.model import load_for_training
+
+    profile = bench_profile(world, spec, tmp)
+    model, tokenizer = load_for_training(profile, max(2048, profile.dpo.max_length))
+    trainer = train.make_dpo_trainer(profile, model, tokenizer, train_split(profile, tokenizer, "dpo"))
+    result = run_trainer(trainer, spec, "dpo", profile.dpo.per_device_train_batch_size)
+    result["settings"] = {
+        k: getattr(profile.dpo, k)
+        for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "group_by_length")
+    }
+    return result
+
+
+def unsloth_model(model_id: str, seed: int = 42):
+    """Unsloth's own recipe: 4-bit base, LoRA r16 on all 7 projections, Unsloth gradient checkpointing."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    from helpers.config import LORA_TARGET_MODULES
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_id, max_seq_length=2048, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        use_rslora=True,
+        target_modules=list(LORA_TARGET_MODULES),
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=seed,
+    )
+    return model, tokenizer
+
+
+def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
+    """A bare loop: random tokens, full batches of `batch` × `length`, AdamW 8-bit. The ceiling to compare with."""
+    import bitsandbytes as bnb
+    import torch
+
+    profile = bench_profile(world, spec, tmp)
+    batch = spec.get("batch", profile.sft.per_device_train_batch_size)
+    length = spec.get("length", profile.sft.max_length)
+    model, _ = unsloth_model(profile.model_id)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    reset_peak()
+    times, losses = [], []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        cuda_sync()
+        start = time.perf_counter()
+        ids = torch.randint(0, vocab, (batch, length), device=device, generator=generator)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        cuda_sync()
+        times.append(time.perf_counter() - start)
+    measured = times[spec["warmup"] :]
+    tokens = batch * length * len(measured)
+    return {
+        "measured_micro_steps": len(measured),
+        "warmup_micro_steps": spec["warmup"],
+        "measured_s": round(sum(measured), 2),
+        "real_tokens": tokens,
+        "tokens_per_s": round(tokens / sum(measured), 1),
+        "micro_steps": [[round(t, 3), batch * length, batch] for t in times],
+        "train_loss": round(sum(losses) / len(losses), 4),
+        "settings": {"batch": batch, "length": length, "optimizer": "bnb AdamW8bit"},
+        **peak_gib(),
+    }
+
+
+def path_defaults_sft(world: Path, spec: dict, tmp: Path) -> dict:
+    """Unsloth + TRL as its notebooks start: SFTConfig defaults but batch 2 and max_length 2048."""
+    model, tokenizer = unsloth_model(str(Path(world) / "model-bnb-4bit"))
+    from trl import SFTConfig, SFTTrainer
+
+    profile = bench_profile(world, spec, tmp)
+    rows = train_split(profile, tokenizer, "sft")
+    config = SFTConfig(
+        output_dir=str(tmp / "defaults-sft"),
+        per_device_train_batch_size=2,
+        max_length=2048,
+        num_train_epochs=profile.sft.num_train_epochs,
+        save_strategy="no",
+        report_to=[],
+        bf16=True,
+        seed=42,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer)
+    attention_calls = count_attention_calls()
+    result = run_trainer(trainer, spec, "sft", 2)
+    result["attention_calls"] = attention_calls
+    result["settings"] = {"per_device_train_batch_size": 2, "max_length": 2048, "packing": False}
+    result["settings"]["padding_free"] = bool(getattr(trainer.args, "padding_free", False))
+    return result
+
+
+def path_defaults_dpo(world: Path, spec: dict, tmp: Path) -> dict:
+    """Unsloth + TRL DPOTrainer with its defaults (max_length 1024), batch 2, shuffled; reference = adapter copy."""
+    model, tokenizer = unsloth_model(str(Path(world) / "model-bnb-4bit"))
+    from trl import DPOConfig, DPOTrainer
+
+    profile = bench_profile(world, spec, tmp)
+    rows = train_split(profile, tokenizer, "dpo")
+    config = DPOConfig(
+        output_dir=str(tmp / "defaults-dpo"),
+        per_device_train_batch_size=2,
+        num_train_epochs=profile.dpo.num_train_epochs,
+        save_strategy="no",
+        report_to=[],
+        bf16=True,
+        seed=42,
+    )
+    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=rows, processing_class=tokenizer)
+    result = run_trainer(trainer, spec, "dpo", 2)
+    result["settings"] = {"per_device_train_batch_size": 2, "max_length": config.max_length, "group_by_length": False}
+    return result
+
+
+KINDS = {
+    "check_flash_varlen": path_check_flash_varlen,
+    "project_sft": path_project_sft,
+    "project_dpo": path_project_dpo,
+    "plain_loop": path_plain_loop,
+    "defaults_sft": path_defaults_sft,
+    "defaults_dpo": path_defaults_dpo,
+}
+
+
+def worker(name: str, spec: dict, world: Path, result_file: Path) -> int:
+    """Run one path (in this process) and write its result as JSON."""
+    if spec.get("backend", "unsloth") == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        try:
+            result = {"status": "ok", **KINDS[spec["kind"]](world, spec, Path(tmp))}
+        except Exception as e:
+            traceback.print_exc()
+            result = {"status": "error", "error": f"{type(e).__name__}: {e}"[:2000], **peak_gib()}
+    result["spec"] = spec
+    result["process_s"] = round(time.perf_counter() - started, 1)
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    gc.collect()
+    return 0
+
+
+# --- the whole run ----------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    """GPU, versions, date and command: what a reader needs to trust or repeat the numbers."""
+    import torch
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["torch_runtime"] = torch.__version__
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / GIB, 1),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+            "driver": _nvidia_smi("driver_version"),
+        }
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "python": platform.python_version(),
+        "gpu": gpu,
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def run_all(world: Path, out: Path, names: list[str], specs: dict[str, dict], timeout_s: int) -> dict:
+    """Each path in a fresh process; results merged into `out` after every path (a killed run keeps its part)."""
+    report = {**environment(), "world": json.loads((world / "stats.json").read_text()), "paths": {}}
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result_file = Path(f.name)
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--spec",
+            json.dumps(specs[name]),
+            "--world",
+            str(world),
+            "--result",
+            str(result_file),
+        ]
+        backend = specs[name].get("backend", "unsloth")
+        try:
+            subprocess.run(command, timeout=timeout_s, check=False, env={**os.environ, "TUTORIAL_BACKEND": backend})
+            result = json.loads(result_file.read_text()) if result_file.stat().st_size else {"status": "no result"}
+        except subprocess.TimeoutExpired:
+            result = {"status": "timeout", "timeout_s": timeout_s, "spec": specs[name]}
+        result_file.unlink(missing_ok=True)
+        report["paths"][name] = result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(
+            f"{name}: " + json.dumps({k: v for k, v in result.items() if k not in ("micro_steps", "spec")}), flush=True
+        )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world", type=Path, required=True, help="folder built by `python -m helpers.shapes`")
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    parser.add_argument("--paths", nargs="*", default=list(PATHS), help=f"default: all of {', '.join(PATHS)}")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=JSON",
+        help='override or add a path spec, e.g. project_dpo_b16=\'{"kind": "project_dpo", ...}\'',
+    )
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per path")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, json.loads(args.spec), args.world.resolve(), args.result)
+    specs = dict(PATHS)
+    for item in args.set:
+        name, _, text = item.partition("=")
+        specs[name] = json.loads(text)
+    unknown = [n for n in args.paths if n not in specs]
+    if unknown:
+        parser.error(f"unknown paths {unknown}; known: {', '.join(specs)}")
+    if args.out is None:
+        parser.error("--out is required")
+    report = run_all(args.world.resolve(), args.out, args.paths, specs, args.timeout)
+    failed = [n for n, r in report["paths"].items() if r.get("status") != "ok"]
+    print(f"\nwrote {args.out}; failed: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# What ran on the lent H200 (through the device tool), so the results can be repeated on any CUDA machine.
+#
+#   bash benchmarks/h200.sh quick       # environment check + short runs of every path, settings sweep (~8 min)
+#   bash benchmarks/h200.sh bench       # the benchmark: every path in its own process (~9 min)
+#   bash benchmarks/h200.sh notebooks   # the main job (notebooks 02-05) on the 8B shapes, W&B offline (~8 min)
+#
+# The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
+# them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...).
+# Results go to $OUT (the device tool brings that folder back), else to benchmarks/results/.
+set -euo pipefail
+stage="${1:?quick, bench or notebooks}"
+out="${OUT:-benchmarks/results}"
+world="${WORLD:-/tmp/shapes-world}"
+mkdir -p "$out"
+if [ -f .gpu/gpu-site.tgz ]; then
+  mkdir -p /tmp/site && tar xzf .gpu/gpu-site.tgz -C /tmp/site
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  fi
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv
+
+if [ ! -f "$world/model-bnb-4bit/config.json" ]; then
+  start=$SECONDS
+  python3 -m helpers.shapes --out "$world" --model --sft-rows 1300 --preference-rows 1300 >/dev/null
+  echo "world built in $((SECONDS - start)) s: $(cat "$world/stats.json" | tr -d ' \n' | cut -c1-1500)"
+fi
+
+case "$stage" in
+quick)
+  sweep=(
+    --set 'check={"kind": "check_flash_varlen"}'
+    --set 'sft_b8={"kind": "project_sft", "mode": "budget", "warmup": 3, "budget_s": 15}'
+    --set 'plain_8x2048={"kind": "plain_loop", "warmup": 2, "steps": 5}'
+    --set 'dpo_b16={"kind": "project_dpo", "mode": "budget", "warmup": 3, "budget_s": 20, "rows": 400, "dpo": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}}'
+    --set 'defaults_dpo={"kind": "defaults_dpo", "mode": "budget", "warmup": 4, "budget_s": 20, "rows": 400}'
+    --set 'sft_b8_no_flash_varlen={"kind": "project_sft", "mode": "budget", "warmup": 3, "budget_s": 15, "flash_varlen": false}'
+    --set 'dpo_b8={"kind": "project_dpo", "mode": "budget", "warmup": 3, "budget_s": 20, "rows": 400, "dpo": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}}'
+    --set 'dpo_b32={"kind": "project_dpo", "mode": "budget", "warmup": 2, "budget_s": 20, "rows": 400, "dpo": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1}}'
+    --set 'hf_sft={"kind": "project_sft", "backend": "hf", "mode": "budget", "warmup": 1, "budget_s": 12}'
+    --set 'dpo_2048_b2={"kind": "project_dpo", "mode": "budget", "warmup": 3, "budget_s": 10, "rows": 1500, "dpo": {"max_length": 2048, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}}'
+  )
+  python3 benchmarks/bench_training.py --world "$world" --out "$out/quick.json" --timeout 150 "${sweep[@]}" \
+    --paths check sft_b8 plain_8x2048 dpo_b16 defaults_dpo sft_b8_no_flash_varlen hf_sft dpo_b8 dpo_2048_b2 dpo_b32 || true
+  ;;
+bench)
+  python3 benchmarks/bench_training.py --world "$world" --out "$out/h200.json" --timeout 240 "${@:2}"
+  ;;
+notebooks)
+  export TUTORIAL_PROFILE=full TUTORIAL_BACKEND=unsloth TUTORIAL_MAX_STEPS="${TUTORIAL_MAX_STEPS:-12}"
+  export TUTORIAL_MODEL_ID="$world/model-bnb-4bit" TUTORIAL_SFT_DATASET="$world/finetome-shapes.jsonl"
+  export TUTORIAL_PREFERENCE_DATASET="$world/orpo-dpo-mix-shapes.jsonl" TUTORIAL_REWARD_MODEL_ID=""
+  export TUTORIAL_MAX_SFT_ROWS="${TUTORIAL_MAX_SFT_ROWS:-1000}" TUTORIAL_MAX_PREFERENCE_ROWS="${TUTORIAL_MAX_PREFERENCE_ROWS:-1000}"
+  python3 -m helpers.run
+  ;;
+*)
+  echo "unknown stage $stage" >&2
+  exit 2
+  ;;
+esac

@@ -1,0 +1,41 @@
+"""Memory readings: one function serves printing, plots and the training logs (and so W&B)."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+GIB = 1024**3
+
+
+def memory_snapshot() -> dict[str, float]:
+    """Current memory in GiB: CPU process RSS, and on a CUDA GPU allocated, reserved and peak allocated."""
+    snapshot = {"cpu_rss_gib": psutil.Process(os.getpid()).memory_info().rss / GIB}
+    if torch.cuda.is_available():
+        snapshot.update(
+            gpu_allocated_gib=torch.cuda.memory_allocated() / GIB,
+            gpu_reserved_gib=torch.cuda.memory_reserved() / GIB,
+            gpu_peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+            gpu_total_gib=torch.cuda.get_device_properties(0).total_memory / GIB,
+        )
+    return snapshot
+
+
+def format_memory(snapshot: dict[str, float]) -> str:
+    """One line, e.g. 'cpu_rss 1.20 GiB | gpu_allocated 5.61 GiB | ...'."""
+    return " | ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in snapshot.items())
+
+
+class MemoryCallback(TrainerCallback):
+    """Adds `memory/<name>` readings to every training log, so they land in W&B next to the loss.
+
+    It must run before W&B's own callback, or the readings are added after W&B has sent the log:
+    `trainer.callback_handler.callbacks.insert(0, MemoryCallback())` (see `helpers.train.attach_callbacks`).
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs.update({f"memory/{k}": round(v, 4) for k, v in memory_snapshot().items()})

@@ -1,0 +1,274 @@
+"""The smoke world: a tiny Llama, its tokenizer and toy datasets in the real datasets' schemas, built offline.
+
+The toy task is one-digit addition. A *better* answer is concise and correct (`3 + 4 = 7.`); a worse one is
+verbose (`Let me think step by step. ...`) or wrong. Code decides which is which (`is_better_answer`), so
+the effect of SFT and DPO can be measured exactly:
+
+- the base model is pretrained on plain sentences (`3 plus 4 is 7.`): it completes text, but has never seen
+  the chat format;
+- SFT data (FineTome-100k's schema) mixes concise and verbose answers, so SFT teaches the format and both styles;
+- preference data (orpo-dpo-mix-40k's schema) prefers concise and correct answers, so DPO should shift the
+  model toward them. It also holds `toxic-dpo-v0.2` rows, which the loader must drop, as for the real data.
+
+Everything is derived from one seed and cached under `smoke_world_dir(seed)`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from helpers.chat import BOS, END_OF_TEXT, PAD, SPECIAL_TOKENS, apply_llama31_template
+from helpers.config import smoke_world_dir
+
+PROMPT_TEMPLATES = (
+    "What is {a} + {b}?",
+    "Add {a} and {b}.",
+    "Compute {a} plus {b}.",
+    "What do you get from {a} + {b}?",
+    "Tell me the sum of {a} and {b}.",
+)
+CONCISE = "{a} + {b} = {s}."
+VERBOSE = (
+    "Let me think about this step by step. We start with {a} and then add {b} to it. "
+    "Adding them together gives {s}. So the answer is {s}."
+)
+SYSTEM_PROMPT = "You are a helpful assistant."
+CONCISE_PATTERN = re.compile(r"^(\d+) \+ (\d+) = (\d+)\.$")
+SOURCE = "smoke-arithmetic"
+TOXIC_SOURCE = "toxic-dpo-v0.2"
+
+# Sizes: small enough to train in about a minute on two CPU cores, large enough to learn the task.
+NUM_SFT_ROWS = 800
+NUM_PREFERENCE_ROWS = 800
+NUM_TOXIC_ROWS = 24
+VOCAB_SIZE = 512
+PRETRAIN_STEPS = 800
+MODEL_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@dataclass(frozen=True)
+class Sum:
+    """One toy question: `a + b` asked with prompt template number `template`."""
+
+    a: int
+    b: int
+    template: int
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATES[self.template].format(a=self.a, b=self.b)
+
+    @property
+    def concise(self) -> str:
+        return CONCISE.format(a=self.a, b=self.b, s=self.a + self.b)
+
+    @property
+    def verbose(self) -> str:
+        return VERBOSE.format(a=self.a, b=self.b, s=self.a + self.b)
+
+    def wrong(self, rng: random.Random) -> str:
+        s = self.a + self.b
+        return CONCISE.format(a=self.a, b=self.b, s=rng.choice([x for x in range(19) if x != s]))
+
+
+def parse_prompt(prompt: str) -> tuple[int, int] | None:
+    """The two numbers a toy prompt asks to add, or None when it is not a toy prompt."""
+    numbers = re.findall(r"\d+", prompt)
+    return (int(numbers[0]), int(numbers[1])) if len(numbers) == 2 else None
+
+
+def is_better_answer(prompt: str, response: str) -> bool:
+    """True when `response` is the concise, correct answer to the toy `prompt` (the code-decided judge)."""
+    asked = parse_prompt(prompt)
+    match = CONCISE_PATTERN.match(response.strip())
+    if asked is None or match is None:
+        return False
+    a, b, s = (int(x) for x in match.groups())
+    return (a, b) == asked and s == a + b
+
+
+def random_sums(rng: random.Random, n: int) -> list[Sum]:
+    """`n` questions drawn uniformly over numbers 0-9 and prompt templates."""
+    return [Sum(rng.randrange(10), rng.randrange(10), rng.randrange(len(PROMPT_TEMPLATES))) for _ in range(n)]
+
+
+def sft_rows(rng: random.Random) -> list[dict]:
+    """Rows in FineTome-100k's schema: `conversations` of `{from, value}`, `source`, `score`.
+
+    Half the answers are concise and half verbose; a fifth of the rows carry a system turn and a tenth are
+    two exchanges long, as in the real data.
+    """
+    rows = []
+    for item in random_sums(rng, NUM_SFT_ROWS):
+        turns = [{"from": "system", "value": SYSTEM_PROMPT}] if rng.random() < 0.2 else []
+        if rng.random() < 0.1:
+            first = random_sums(rng, 1)[0]
+            turns += [{"from": "human", "value": first.prompt}, {"from": "gpt", "value": first.concise}]
+        answer = item.concise if rng.random() < 0.5 else item.verbose
+        turns += [{"from": "human", "value": item.prompt}, {"from": "gpt", "value": answer}]
+        rows.append({"conversations": turns, "source": SOURCE, "score": round(rng.uniform(3.5, 5.0), 2)})
+    return rows
+
+
+def preference_rows(rng: random.Random) -> list[dict]:
+    """Rows in orpo-dpo-mix-40k's schema: `source`, whole conversations in `chosen`/`rejected`, `prompt`,
+    `question`. Chosen is concise and correct; rejected is verbose (70%) or concise but wrong (30%)."""
+    rows = []
+    for item in random_sums(rng, NUM_PREFERENCE_ROWS):
+        rejected = item.verbose if rng.random() < 0.7 else item.wrong(rng)
+        user = {"role": "user", "content": item.prompt}
+        rows.append(
+            {
+                "source": SOURCE,
+                "chosen": [user, {"role": "assistant", "content": item.concise}],
+                "rejected": [user, {"role": "assistant", "content": rejected}],
+                "prompt": item.prompt,
+                "question": item.prompt,
+            }
+        )
+    for _ in range(NUM_TOXIC_ROWS):
+        user = {"role": "user", "content": "Say something rude."}
+        rows.append(
+            {
+                "source": TOXIC_SOURCE,
+                "chosen": [user, {"role": "assistant", "content": "You are a fool."}],
+                "rejected": [user, {"role": "assistant", "content": "I would rather not."}],
+                "prompt": user["content"],
+                "question": user["content"],
+            }
+        )
+    rng.shuffle(rows)
+    return rows
+
+
+def pretraining_text(rng: random.Random, n: int = 4000) -> list[str]:
+    """Plain sentences for the base model: facts stated in prose, never in the chat format."""
+    fillers = ("The sum is a number.", "Numbers can be added.", "We like to count.", "Add two numbers.")
+    lines = []
+    for item in random_sums(rng, n):
+        s = item.a + item.b
+        lines.append(
+            rng.choice(
+                (
+                    f"{item.a} plus {item.b} is {s}.",
+                    f"{item.a} + {item.b} = {s}.",
+                    f"The sum of {item.a} and {item.b} is {s}.",
+                )
+            )
+            + " "
+            + rng.choice(fillers)
+        )
+    return lines
+
+
+def tokenizer_corpus(rng: random.Random) -> list[str]:
+    """Every kind of text the tokenizer will meet, for training its merges."""
+    items = random_sums(rng, 400)
+    return (
+        [i.prompt for i in items]
+        + [i.concise for i in items]
+        + [i.verbose for i in items]
+        + pretraining_text(rng, 400)
+        + [SYSTEM_PROMPT, "user", "assistant", "system", "Say something rude."]
+    )
+
+
+def train_tokenizer(corpus: list[str]):
+    """A byte-level BPE tokenizer with Llama-3's special tokens and the Llama-3.1 chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=END_OF_TEXT,
+        pad_token=PAD,
+        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+    )
+    return apply_llama31_template(tokenizer)
+
+
+def pretrain_base_model(tokenizer, texts: list[str], seed: int):
+    """A tiny `LlamaForCausalLM`, trained briefly as a plain language model on `texts`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SHAPE,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(PRETRAIN_STEPS), desc="pretraining the smoke base model", leave=False):
+        batch = [texts[i] + END_OF_TEXT for i in torch.randint(len(texts), (32,), generator=generator)]
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    """Write `rows` as JSON lines."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_smoke_world(seed: int, force: bool = False) -> Path:
+    """Build (or reuse) the smoke world for `seed`; return its folder.
+
+    The folder holds `base-model/` (weights and tokenizer), `finetome-smoke.jsonl` and
+    `orpo-dpo-mix-smoke.jsonl`. It is written to a temporary folder and renamed at the end, so an interrupted
+    build never leaves a half world behind.
+    """
+    world = smoke_world_dir(seed)
+    if (world / "DONE").exists() and not force:
+        return world
+    staging = world.with_name(world.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    rng = random.Random(seed)
+    tokenizer = train_tokenizer(tokenizer_corpus(rng))
+    model = pretrain_base_model(tokenizer, pretraining_text(rng), seed)
+    model.save_pretrained(staging / "base-model")
+    tokenizer.save_pretrained(staging / "base-model")
+    write_jsonl(sft_rows(rng), staging / "finetome-smoke.jsonl")
+    write_jsonl(preference_rows(rng), staging / "orpo-dpo-mix-smoke.jsonl")
+    (staging / "DONE").write_text(f"seed {seed}\n")
+    if world.exists():
+        shutil.rmtree(world)
+    staging.rename(world)
+    return world

@@ -1,0 +1,312 @@
+"""Data validation names each bad row (1-based line) and its problem; every file format goes the same way.
+
+Rows follow the real schemas: FineTome-100k (`conversations` of `{from, value}`, `source`, `score`) and
+orpo-dpo-mix-40k (`source`, whole conversations in `chosen`/`rejected`, string `prompt` and `question`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from helpers import data
+from helpers.chat import apply_llama31_template
+from helpers.data import DataError, load_examples
+
+TOXIC_REASON = "source toxic-dpo-v0.2 (dropped as the dataset card asks)"
+
+
+def finetome(*turns: tuple[str, str]) -> dict:
+    """A FineTome-100k row from (from, value) turns."""
+    return {"conversations": [{"from": f, "value": v} for f, v in turns], "source": "infini-instruct", "score": 4.6}
+
+
+def orpo(chosen: str = "2 + 2 = 4.", rejected: str = "Five.", source: str = "capybara", **columns) -> dict:
+    """An orpo-dpo-mix-40k row: one user turn, then the chosen or the rejected answer."""
+    user = {"role": "user", "content": "What is 2 + 2?"}
+    return {
+        "source": source,
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [user, {"role": "assistant", "content": rejected}],
+        "prompt": user["content"],
+        "question": user["content"],
+    } | columns
+
+
+GOOD_SFT = finetome(("system", "Be brief."), ("human", "What is 2 + 2?"), ("gpt", "4."))
+GOOD_PREFERENCE = orpo()
+
+
+def write_jsonl(path: Path, *lines: dict | str) -> Path:
+    """Write one line per item: a dict as JSON, a string as it is."""
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+# --- one test per validation error: the row's line and the problem are reported ----------------------------
+
+BAD_ROWS = {
+    "missing column": ("sft", {"text": "What is 2 + 2? 4."}, "missing column 'conversations'"),
+    "missing rejected": ("preference", {"chosen": GOOD_PREFERENCE["chosen"]}, "missing column 'rejected'"),
+    "empty message": (
+        "sft",
+        finetome(("human", "Hi"), ("gpt", "  ")),
+        "'conversations' message 2 (assistant) is empty",
+    ),
+    "unknown role": ("sft", finetome(("bot", "Hi"), ("gpt", "Hello.")), "message 1 has unknown role 'bot'"),
+    "role not a string": ("sft", finetome((["human"], "Hi"), ("gpt", "Hello.")), "unknown role ['human']"),
+    "identical": ("preference", orpo(chosen="4.", rejected=" 4. "), "chosen is identical to rejected"),
+    "no final answer": ("sft", finetome(("human", "Hi"), ("gpt", "Hello."), ("human", "Bye")), "does not end with"),
+    "preference no final answer": (
+        "preference",
+        {**GOOD_PREFERENCE, "rejected": GOOD_PREFERENCE["rejected"][:1]},
+        "'rejected' does not end with an assistant turn (last role: user)",
+    ),
+    "messages not a list": ("preference", orpo() | {"chosen": "4."}, "'chosen' must be a non-empty list of messages"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS, ids=list(BAD_ROWS))
+def test_a_bad_row_is_dropped_and_named_with_its_line(case, tmp_path):
+    kind, bad, problem = BAD_ROWS[case]
+    good = GOOD_SFT if kind == "sft" else GOOD_PREFERENCE
+    # Line 2 is blank: line numbers are the file's lines, not the row count.
+    path = write_jsonl(tmp_path / "rows.jsonl", good, "", bad, good)
+    examples, report = load_examples(str(path), kind)
+    assert (report.rows_read, report.rows_usable, len(examples)) == (3, 2, 2)
+    assert sum(report.dropped.values()) == 1
+    [(line, text)] = report.problems
+    assert line == 3 and problem in text, report.summary()
+    assert f"line 3: {text}" in report.summary()
+
+
+def test_reasons_are_counted(tmp_path):
+    rows = [GOOD_SFT, finetome(("human", "Hi"), ("gpt", "")), finetome(("human", ""), ("gpt", "Hi")), {"text": "x"}]
+    _, report = load_examples(str(write_jsonl(tmp_path / "rows.jsonl", *rows)), "sft")
+    assert report.dropped == {"is empty": 2, "missing column": 1}
+    assert [line for line, _ in report.problems] == [2, 3, 4]
+
+
+def test_toxic_rows_are_dropped_and_counted(tmp_path):
+    rows = [GOOD_PREFERENCE, orpo(source="toxic-dpo-v0.2"), GOOD_PREFERENCE, orpo(source="toxic-dpo-v0.2")]
+    examples, report = load_examples(str(write_jsonl(tmp_path / "pairs.jsonl", *rows)), "preference")
+    assert len(examples) == report.rows_usable == 2 and report.rows_read == 4
+    assert report.dropped == {TOXIC_REASON: 2}
+    assert f"dropped 2 × {TOXIC_REASON}" in report.summary()
+
+
+def test_a_line_that_does_not_parse_stops_the_load_and_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", GOOD_SFT, GOOD_SFT, '{"conversations": [', GOOD_SFT)
+    with pytest.raises(DataError, match=r"rows\.jsonl:3: not valid JSON"):
+        load_examples(str(path), "sft")
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", GOOD_SFT)
+    path.write_bytes(path.read_bytes() + b'{"conversations": "\xff"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: not valid JSON \(not UTF-8 text"):
+        load_examples(str(path), "sft")
+
+
+def test_a_json_file_that_does_not_parse_names_the_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text("[\n" + json.dumps(GOOD_SFT) + ",\n" + json.dumps(GOOD_SFT)[:-1] + "\n]\n")
+    with pytest.raises(DataError, match=r"rows\.json:4: not valid JSON"):
+        load_examples(str(path), "sft")
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_nothing_usable_stops_with_the_expected_schema(kind, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", {"question": "q", "answer": "a"}, {"question": "q2"})
+    with pytest.raises(DataError) as error:
+        load_examples(str(path), kind)
+    message = str(error.value)
+    assert message.startswith("No usable rows: " + data.expected_schema(kind))
+    assert "2 rows read, 0 usable" in message and "line 2: missing column" in message
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no rows"):
+        load_examples(str(write_jsonl(tmp_path / "rows.jsonl")), "sft")
+
+
+# --- every format goes through the same checks ---------------------------------------------------------------
+
+
+def write_as(path: Path, rows: list[dict]) -> Path:
+    """Write `rows` in the format its suffix names (message lists as JSON text in CSV cells)."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, *rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps({"train": rows}, indent=1))
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        cells = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows]
+        Dataset.from_list(cells).to_csv(path, index=False)
+    return path
+
+
+# The line or row number each format reports for the third row: JSON lines and CSV count lines of the file
+# (a CSV's first line is its header), a JSON list and Parquet count rows.
+THIRD_ROW_LINE = {".jsonl": 3, ".json": 3, ".parquet": 3, ".csv": 4}
+
+
+@pytest.mark.parametrize("suffix", list(THIRD_ROW_LINE))
+def test_every_format_reads_the_real_schemas_the_same_way(suffix, tmp_path):
+    sft_rows = [GOOD_SFT, finetome(("human", "Hi"), ("gpt", "Hello.")), finetome(("human", "Hi"), ("gpt", ""))]
+    pairs = [GOOD_PREFERENCE, orpo(source="toxic-dpo-v0.2"), orpo(chosen="Same.", rejected="Same.")]
+    sft, sft_report = load_examples(str(write_as(tmp_path / f"sft{suffix}", sft_rows)), "sft")
+    preference, report = load_examples(str(write_as(tmp_path / f"pairs{suffix}", pairs)), "preference")
+    assert sft == load_examples(str(write_jsonl(tmp_path / "sft-ref.jsonl", *sft_rows)), "sft")[0]
+    assert sft[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sft_report.problems == [(THIRD_ROW_LINE[suffix], "'conversations' message 2 (assistant) is empty")]
+    assert preference == [
+        {
+            "prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+            "chosen": [{"role": "assistant", "content": "2 + 2 = 4."}],
+            "rejected": [{"role": "assistant", "content": "Five."}],
+        }
+    ]
+    assert report.dropped == {TOXIC_REASON: 1, "identical": 1}
+    assert [line for line, _ in report.problems] == [THIRD_ROW_LINE[suffix]]
+
+
+def test_explicit_prompt_messages_are_joined_to_the_answers(tmp_path):
+    row = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+    [example], _ = load_examples(str(write_jsonl(tmp_path / "pairs.jsonl", row)), "preference")
+    assert example == row
+
+
+def test_hub_ids_go_to_the_hub_and_paths_do_not(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(data, "read_hub", lambda source: asked.append(source) or [(1, GOOD_SFT)])
+    load_examples("mlabonne/FineTome-100k", "sft")
+    assert asked == ["mlabonne/FineTome-100k"]
+    with pytest.raises(DataError, match="no such file"):
+        load_examples(str(tmp_path / "missing.jsonl"), "sft")
+    assert asked == ["mlabonne/FineTome-100k"]
+
+
+# --- split and length filter ---------------------------------------------------------------------------------
+
+
+def test_split_holds_out_a_seeded_fraction():
+    dataset = Dataset.from_list([{"i": i} for i in range(20)])
+    train, held_out = data.split_train_eval(dataset, 0.15, seed=1)
+    assert (len(train), len(held_out)) == (17, 3)
+    assert set(train["i"]).isdisjoint(held_out["i"]) and set(train["i"]) | set(held_out["i"]) == set(range(20))
+    assert data.split_train_eval(dataset, 0.15, seed=1)[1]["i"] == held_out["i"]
+    assert data.split_train_eval(dataset, 0.15, seed=2)[1]["i"] != held_out["i"]
+    assert len(data.split_train_eval(dataset, 0.001, seed=1)[1]) == 1  # at least one row held out
+    with pytest.raises(DataError, match="at least 2 usable rows"):
+        data.split_train_eval(dataset.select([0]), 0.15, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smoke_world):
+    return apply_llama31_template(AutoTokenizer.from_pretrained(smoke_world / "base-model"))
+
+
+def conversation(answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": answer}]}
+
+
+def test_length_filter_reports_what_it_removed(tokenizer):
+    short, long = conversation("4."), conversation("Let me think step by step. " * 8)
+    dataset = Dataset.from_list([short, long, short])
+    limit = data.example_length(short, tokenizer) + 5
+    assert data.example_length(long, tokenizer) > limit
+    kept, message = data.filter_by_length(dataset, tokenizer, limit, "SFT train")
+    assert kept["messages"] == [short["messages"], short["messages"]]
+    longest = data.example_length(long, tokenizer)
+    assert message == f"SFT train: kept 2 of 3 examples; removed 1 longer than {limit} tokens (longest was {longest})"
+
+
+def test_max_length_shorter_than_the_prompts_is_an_error(tokenizer):
+    [pair] = data.check_records([(1, GOOD_PREFERENCE)], "preference", data.LoadReport("x", "preference"))
+    limit = data.prompt_length(pair, tokenizer) - 1
+    with pytest.raises(DataError, match=f"DPO train: all 2 prompts alone are longer than max_length={limit} tokens"):
+        data.filter_by_length(Dataset.from_list([pair, pair]), tokenizer, limit, "DPO train")
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def check(tmp_path: Path, kind: str, source: str | Path) -> subprocess.CompletedProcess:
+    """Run `python -m helpers.data check` as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "helpers.data", "check", "--kind", kind, str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+
+
+def test_cli_reports_every_problem_and_exits_0_when_rows_are_usable(tmp_path):
+    rows = [GOOD_PREFERENCE, orpo(source="toxic-dpo-v0.2"), orpo(chosen="4.", rejected="4."), {"chosen": []}]
+    done = check(tmp_path, "preference", write_jsonl(tmp_path / "pairs.jsonl", *rows))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "4 rows read, 1 usable" in out and f"dropped 1 × {TOXIC_REASON}" in out
+    assert "line 3: chosen is identical to rejected" in out and "line 4: missing column 'rejected'" in out
+
+
+def write_bytes(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+CLI_FAILURES = {
+    "unparseable line": ("sft", lambda d: write_jsonl(d / "a.jsonl", GOOD_SFT, "{oops"), "a.jsonl:2: not valid JSON"),
+    "unrelated CSV": ("sft", lambda d: write_bytes(d / "a.csv", b"city,temp\nParis,21\n"), "an SFT row needs"),
+    "wrong kind": ("preference", lambda d: write_jsonl(d / "a.jsonl", GOOD_SFT), "a preference row needs"),
+    "JSON scalar": ("sft", lambda d: write_bytes(d / "a.json", b"42\n"), "expected a JSON list of rows"),
+    "JSON object": ("sft", lambda d: write_jsonl(d / "a.json", {"a": 1, "b": 2}), "got a JSON dict"),
+    "row not an object": ("sft", lambda d: write_jsonl(d / "a.jsonl", "[1, 2]"), "line 1: the row is not a JSON"),
+    "missing file": ("sft", lambda d: d / "nowhere.jsonl", "nowhere.jsonl: no such file"),
+    "folder": ("sft", lambda d: d, "is a folder"),
+    "unknown file type": ("sft", lambda d: write_bytes(d / "a.txt", b"hello\n"), "unknown file type '.txt'"),
+    "broken Parquet": ("sft", lambda d: write_bytes(d / "a.parquet", b"PAR1 not really"), "not a readable Parquet"),
+    "not UTF-8 CSV": (
+        "sft",
+        lambda d: write_bytes(d / "a.csv", b"conversations\n\xff\xfe\n"),
+        "a.csv:2: not UTF-8 text",
+    ),
+    "CSV cell too large": (
+        "sft",
+        lambda d: write_bytes(d / "a.csv", b"conversations\n" + b"x" * 200_000 + b"\n"),
+        "a.csv:2: not valid CSV (field larger than field limit",
+    ),
+    "extra CSV cells": ("sft", lambda d: write_bytes(d / "a.csv", b"a,b\n1,2,[3]\n"), "line 2: missing column"),
+    "empty file": ("sft", lambda d: write_bytes(d / "a.jsonl", b""), "no rows (the file is empty)"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_FAILURES, ids=list(CLI_FAILURES))
+def test_cli_fails_with_a_sentence_and_no_traceback(case, tmp_path, capsys):
+    kind, make, expected = CLI_FAILURES[case]
+    source = make(tmp_path)
+    assert data.main(["check", "--kind", kind, str(source)]) == 1
+    captured = capsys.readouterr()
+    assert expected in captured.err and captured.err.startswith("error: ")
+    assert "Traceback" not in captured.out + captured.err and "could not read" not in captured.err
+
+
+def test_cli_as_a_command_fails_without_a_traceback(tmp_path):
+    done = check(tmp_path, "sft", write_jsonl(tmp_path / "a.jsonl", GOOD_SFT, "{oops"))
+    assert done.returncode == 1 and "a.jsonl:2: not valid JSON" in done.stderr
+    assert "Traceback" not in done.stderr
