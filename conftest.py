@@ -1,9 +1,23 @@
-"""Every test runs with its outputs in a temporary folder and W&B off, whatever the shell that started it set.
+"""Test isolation: outputs go to temporary folders and W&B is off, whatever the shell that started pytest set.
 
-Tests that want W&B or other outputs set them again with `monkeypatch` or in a subprocess's environment.
+The notebooks (run by nbval, in kernels that inherit this process's environment) write to one folder for the
+session, `SESSION_OUTPUTS`; the end-to-end secrets test reuses their checkpoints instead of training again.
+Function tests get a folder of their own; tests that want W&B or other outputs set them with `monkeypatch`.
 """
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
+
+SESSION_OUTPUTS = Path(tempfile.mkdtemp(prefix="align-llama-test-outputs-"))
+
+
+def pytest_configure(config):
+    os.environ["TUTORIAL_OUTPUTS"] = str(SESSION_OUTPUTS)
+    os.environ["TUTORIAL_PROFILE"] = "smoke"
+    os.environ.setdefault("WANDB_MODE", "offline")
 
 
 @pytest.fixture(autouse=True)

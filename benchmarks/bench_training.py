@@ -13,15 +13,16 @@ Llama-3.1-8B's exact shapes, synthetic data with realistic, varied lengths; see 
 | `unsloth_trl_defaults_dpo` | Unsloth + TRL `DPOTrainer`, default settings: batch 2, shuffled |
 | `project_dpo_2048_b2` | the project's DPO path at `max_length` 2048, batch 2: the 16 GB GPU recipe |
 
-Counted: real (non-padding) tokens and DPO pairs, over whole steps, end to end (data loading, the optimizer, logging;
-for DPO the reference forward). Warm-up is excluded: either the first epoch of two over a fixed subset (every
-measured path sees exactly the same examples, all of them), or the first few steps followed by a time budget.
-Peak memory is `torch.cuda.max_memory_allocated` (and reserved) from the first step to the end, including one extra
-forward and backward pass on the longest examples of the data, so the worst batch is always in it.
+Counted: real (non-padding) tokens, padded tokens and DPO pairs, over whole steps, end to end (data loading, the
+optimizer, logging; for DPO the reference forward). Warm-up is excluded, by mode: `budget` times the steps after
+the first few, up to a time budget; `warm_then_epoch` first trains on a few rows (compilation), then times one
+whole epoch over a fixed set, so every measured path sees exactly the same examples, all of them; `two_epochs`
+times the second of two epochs. Peak memory is `torch.cuda.max_memory_allocated` (and reserved) over the timed
+steps and one more optimizer step on copies of the longest example (the worst batch the data can make).
 
     python -m helpers.shapes --out /tmp/shapes-world --model      # on the GPU machine (random 8B weights, ~1 min)
-    python benchmarks/bench_training.py --world /tmp/shapes-world --out benchmarks/results/h200.json
-    python benchmarks/report.py benchmarks/results/h200.json       # the table, into benchmarks/README.md
+    python benchmarks/bench_training.py --world /tmp/shapes-world --out benchmarks/results/NAME.json --paths ...
+    python benchmarks/report.py benchmarks/results/h200-run*.json  # the tables, into benchmarks/README.md
 
 Only the JSON is kept; the model stays in the world folder (16 GB at most: never commit it).
 """
@@ -29,7 +30,6 @@ Only the JSON is kept; the model stays in the world folder (16 GB at most: never
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.metadata
 import json
@@ -48,16 +48,16 @@ GIB = 1024**3
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Rows of each dataset the benchmark reads (the same rows for every path of a stage). SFT paths run on a time
-# budget over packed or random batches, which vary little; DPO paths run two epochs over a small fixed set and
-# time the second, so grouped and shuffled batching are timed on exactly the same pairs.
+# budget after a few warm-up steps: packed and shuffled batches vary little from step to step. DPO paths first
+# train on a few rows (compilation), then time one whole epoch over the same fixed set of pairs, so grouped and
+# shuffled batching are timed on exactly the same pairs, all of them.
 SFT_ROWS = 1200
-DPO_ROWS = 96
+DPO_ROWS = 240
+DPO_WARM_ROWS = 32
 
 PATHS: dict[str, dict] = {
     "project_sft": {"kind": "project_sft", "mode": "budget", "warmup": 6, "budget_s": 25},
     "plain_unsloth_loop": {"kind": "plain_loop", "warmup": 3, "steps": 8},
-    "project_dpo": {"kind": "project_dpo", "mode": "two_epochs", "gpu_gib": 24},
-    "unsloth_trl_defaults_dpo": {"kind": "defaults_dpo", "mode": "two_epochs"},
     "hf_peft_bnb_sft": {"kind": "project_sft", "backend": "hf", "mode": "budget", "warmup": 2, "budget_s": 25},
     "unsloth_trl_defaults_sft": {"kind": "defaults_sft", "mode": "budget", "warmup": 8, "budget_s": 20},
     "project_dpo_2048_b2": {
@@ -68,7 +68,13 @@ PATHS: dict[str, dict] = {
         "rows": 600,
         "dpo": {"max_length": 2048, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1},
     },
-    "project_dpo_80gb": {"kind": "project_dpo", "mode": "two_epochs", "gpu_gib": 80},
+    "project_dpo": {"kind": "project_dpo", "mode": "warm_then_epoch"},
+    "unsloth_trl_defaults_dpo": {"kind": "defaults_dpo", "mode": "warm_then_epoch"},
+    "project_dpo_b32": {
+        "kind": "project_dpo",
+        "mode": "warm_then_epoch",
+        "dpo": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1},
+    },
 }
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate", "datasets")
 
@@ -107,14 +113,17 @@ def make_meter(trainer, pad_id: int, mode: str, warmup: int, budget_s: float):
 
     class Meter(TrainerCallback):
         def __init__(self):
-            self.counts: list[tuple[int, int]] = []  # (real tokens, rows) per micro-batch
+            self.counts: list[tuple[int, int, int]] = []  # (real tokens, rows, padded tokens) per micro-batch
             self.ends: list[float] = []  # time at the end of each micro-step
             self.epoch_starts: list[int] = []
+            self.train_starts: list[tuple[int, float]] = []  # (micro-steps so far, time) at each train() call
             self.start = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             cuda_sync()
-            self.start = time.perf_counter()
+            self.train_starts.append((len(self.ends), time.perf_counter()))
+            if self.start is None:
+                self.start = self.train_starts[0][1]
 
         def on_epoch_begin(self, args, state, control, **kwargs):
             self.epoch_starts.append(len(self.ends))
@@ -136,14 +145,20 @@ def make_meter(trainer, pad_id: int, mode: str, warmup: int, budget_s: float):
             """Index of the first measured micro-step (the ones before it are warm-up)."""
             if mode == "two_epochs":
                 return self.epoch_starts[1] if len(self.epoch_starts) > 1 else None
+            if mode == "warm_then_epoch":
+                return self.train_starts[1][0] if len(self.train_starts) > 1 else None
             return warmup if len(self.ends) > warmup else None
+
+        def measure_start(self, first: int) -> float:
+            """When measuring starts: the second train() call itself (end to end), else the warm-up's last step."""
+            return self.train_starts[1][1] if mode == "warm_then_epoch" else self.ends[first - 1]
 
     meter = Meter()
     original = trainer.training_step
 
     def training_step(model, inputs, *args, **kwargs):
         ids = inputs["input_ids"]
-        meter.counts.append((int((ids != pad_id).sum()), int(ids.shape[0])))
+        meter.counts.append((int((ids != pad_id).sum()), int(ids.shape[0]), int(ids.numel())))
         return original(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step
@@ -157,16 +172,20 @@ def summarize(meter, stage: str) -> dict:
     n = min(len(meter.ends), len(meter.counts))
     if first is None or first >= n:
         raise RuntimeError(f"nothing measured: {n} micro-steps ran, warm-up needs {first}")
-    seconds = meter.ends[n - 1] - meter.ends[first - 1]
+    start = meter.measure_start(first)
+    seconds = meter.ends[n - 1] - start
     tokens = sum(c[0] for c in meter.counts[first:n])
     rows = sum(c[1] for c in meter.counts[first:n])
+    padded = sum(c[2] for c in meter.counts[first:n])
     result = {
         "measured_micro_steps": n - first,
         "warmup_micro_steps": first,
         "measured_s": round(seconds, 2),
         "real_tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1),
-        "warmup_s": round(meter.ends[first - 1] - meter.start, 2),
+        "padded_tokens": padded,
+        "real_token_share": round(tokens / padded, 4),
+        "warmup_s": round(start - meter.start, 2),
         "micro_steps": [
             [
                 round(meter.ends[i] - meter.ends[i - 1], 3) if i else round(meter.ends[0] - meter.start, 3),
@@ -290,7 +309,7 @@ def bench_profile(world: Path, spec: dict, tmp: Path):
     from helpers.shapes import shapes_profile
 
     backend = spec.get("backend", "unsloth")
-    base = full_profile(42, backend, gpu_gib=spec.get("gpu_gib"))
+    base = full_profile(42, backend)
     profile = shapes_profile(world, 42, backend, base=base)
     epochs = 2 if spec.get("mode") == "two_epochs" else 1
     common = dict(num_train_epochs=epochs, max_steps=-1, save_steps=10**9)
@@ -312,6 +331,11 @@ def run_trainer(trainer, spec: dict, stage: str, batch_size: int) -> dict:
     pad_id = trainer.processing_class.pad_token_id
     meter = make_meter(trainer, pad_id, spec.get("mode", "budget"), spec.get("warmup", 3), spec.get("budget_s", 60))
     reset_peak()
+    if spec.get("mode") == "warm_then_epoch":  # warm-up (compilation) on a few rows, then one timed epoch
+        full = trainer.train_dataset
+        trainer.train_dataset = full.select(range(min(len(full), spec.get("warm_rows", DPO_WARM_ROWS))))
+        trainer.train()
+        trainer.train_dataset = full
     output = trainer.train()
     result = summarize(meter, stage)
     result["train_loss"] = round(float(output.training_loss), 4)
@@ -420,7 +444,7 @@ def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
         "measured_s": round(sum(measured), 2),
         "real_tokens": tokens,
         "tokens_per_s": round(tokens / sum(measured), 1),
-        "micro_steps": [[round(t, 3), batch * length, batch] for t in times],
+        "micro_steps": [[round(t, 3), batch * length, batch, batch * length] for t in times],
         "train_loss": round(sum(losses) / len(losses), 4),
         "settings": {"batch": batch, "length": length, "optimizer": "bnb AdamW8bit"},
         **peak_gib(),
@@ -527,7 +551,7 @@ def environment() -> dict:
             "driver": _nvidia_smi("driver_version"),
         }
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "python": platform.python_version(),
         "gpu": gpu,

@@ -2,8 +2,8 @@
 # What ran on the lent H200 (through the device tool), so the results can be repeated on any CUDA machine.
 #
 #   bash benchmarks/h200.sh quick       # environment check + short runs of every path, settings sweep (~8 min)
-#   bash benchmarks/h200.sh bench       # the benchmark: every path in its own process (~9 min)
-#   bash benchmarks/h200.sh notebooks   # the main job (notebooks 02-05) on the 8B shapes, W&B offline (~8 min)
+#   bash benchmarks/h200.sh bench NAME --paths ...   # the benchmark, every path in its own process, to NAME.json
+#   bash benchmarks/h200.sh notebooks   # the main job (notebooks 01-05) on the 8B shapes, W&B offline (~8 min)
 #
 # The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
 # them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...).
@@ -17,6 +17,7 @@ if [ -f .gpu/gpu-site.tgz ]; then
   mkdir -p /tmp/site && tar xzf .gpu/gpu-site.tgz -C /tmp/site
   if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export JUPYTER_PATH=/tmp/site/share/jupyter  # nbconvert's templates (installed with --target, not in sys.prefix)
   fi
   export PYTHONPATH="/tmp/site:$PWD"
 fi
@@ -26,7 +27,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gp
 
 if [ ! -f "$world/model-bnb-4bit/config.json" ]; then
   start=$SECONDS
-  python3 -m helpers.shapes --out "$world" --model --sft-rows 1300 --preference-rows 1300 >/dev/null
+  reward=""
+  [ "$stage" = notebooks ] && reward="--reward-model"  # keep the bf16 copy: an 8B-shaped reward-model stand-in
+  python3 -m helpers.shapes --out "$world" --model $reward --sft-rows 1300 --preference-rows 1300 >/dev/null
   echo "world built in $((SECONDS - start)) s: $(cat "$world/stats.json" | tr -d ' \n' | cut -c1-1500)"
 fi
 
@@ -48,14 +51,24 @@ quick)
     --paths check sft_b8 plain_8x2048 dpo_b16 defaults_dpo sft_b8_no_flash_varlen hf_sft dpo_b8 dpo_2048_b2 dpo_b32 || true
   ;;
 bench)
-  python3 benchmarks/bench_training.py --world "$world" --out "$out/h200.json" --timeout 240 "${@:2}"
+  name="${2:?bench NAME [bench_training.py arguments]}"
+  python3 benchmarks/bench_training.py --world "$world" --out "$out/$name.json" --timeout 240 "${@:3}"
   ;;
 notebooks)
-  export TUTORIAL_PROFILE=full TUTORIAL_BACKEND=unsloth TUTORIAL_MAX_STEPS="${TUTORIAL_MAX_STEPS:-12}"
+  # The full profile's code path (Unsloth, 4-bit, its batch settings) on the 8B shapes, 10 optimizer steps a stage.
+  export TUTORIAL_PROFILE=full TUTORIAL_BACKEND=unsloth TUTORIAL_MAX_STEPS="${TUTORIAL_MAX_STEPS:-10}"
   export TUTORIAL_MODEL_ID="$world/model-bnb-4bit" TUTORIAL_SFT_DATASET="$world/finetome-shapes.jsonl"
-  export TUTORIAL_PREFERENCE_DATASET="$world/orpo-dpo-mix-shapes.jsonl" TUTORIAL_REWARD_MODEL_ID=""
+  export TUTORIAL_PREFERENCE_DATASET="$world/orpo-dpo-mix-shapes.jsonl"
+  export TUTORIAL_REWARD_MODEL_ID="$world/reward-model-bf16" TUTORIAL_OUTPUTS=/tmp/tutorial-outputs
   export TUTORIAL_MAX_SFT_ROWS="${TUTORIAL_MAX_SFT_ROWS:-1000}" TUTORIAL_MAX_PREFERENCE_ROWS="${TUTORIAL_MAX_PREFERENCE_ROWS:-1000}"
-  python3 -m helpers.run
+  start=$SECONDS
+  status=0
+  timeout "${MAIN_JOB_TIMEOUT:-480}" python3 -m helpers.run || status=$?
+  echo "main job: exit $status in $((SECONDS - start)) s"
+  python3 benchmarks/summarize_main_job.py /tmp/tutorial-outputs/full --out "$out/h200-main-job.json" || true
+  cp /tmp/tutorial-outputs/full/report.md "$out/h200-main-job-report.md" 2>/dev/null || true
+  cp /tmp/tutorial-outputs/full/dpo-memory.png "$out/h200-dpo-memory.png" 2>/dev/null || true
+  exit $status
   ;;
 *)
   echo "unknown stage $stage" >&2

@@ -37,5 +37,10 @@ class MemoryCallback(TrainerCallback):
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
-            logs.update({f"memory/{k}": round(v, 4) for k, v in memory_snapshot().items()})
+        if logs is None:
+            return
+        readings = {f"memory/{k}": round(v, 4) for k, v in memory_snapshot().items()}
+        logs.update(readings)
+        # The Trainer copied `logs` into its history before calling back: add them there too, for the plots.
+        if state.log_history:
+            state.log_history[-1].update(readings)

@@ -70,8 +70,13 @@ def lora_config(profile: Profile):
     """The peft `LoraConfig` for the profile's LoRA settings."""
     from peft import LoraConfig
 
+    return LoraConfig(**lora_arguments(profile), task_type="CAUSAL_LM")
+
+
+def lora_arguments(profile: Profile) -> dict:
+    """The adapter's shape as keyword arguments, shared by peft's `LoraConfig` and Unsloth's `get_peft_model`."""
     s = profile.lora
-    return LoraConfig(
+    return dict(
         r=s.r,
         lora_alpha=s.alpha,
         lora_dropout=s.dropout,
@@ -79,25 +84,17 @@ def lora_config(profile: Profile):
         target_modules=list(s.target_modules),
         modules_to_save=list(s.modules_to_save) or None,
         bias="none",
-        task_type="CAUSAL_LM",
     )
 
 
 def add_lora(model: Any, profile: Profile) -> Any:
     """Wrap the 4-bit base in new, trainable LoRA adapters."""
-    s = profile.lora
     if profile.backend == "unsloth":
         from unsloth import FastLanguageModel
 
         return FastLanguageModel.get_peft_model(
             model,
-            r=s.r,
-            lora_alpha=s.alpha,
-            lora_dropout=s.dropout,
-            use_rslora=s.use_rslora,
-            target_modules=list(s.target_modules),
-            modules_to_save=list(s.modules_to_save) or None,
-            bias="none",
+            **lora_arguments(profile),
             use_gradient_checkpointing="unsloth" if device() == "cuda" else False,
             random_state=profile.seed,
         )

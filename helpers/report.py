@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from helpers.config import Profile
@@ -50,7 +50,7 @@ def write_report(profile: Profile) -> Path:
     lines = [
         f"# Run report: {profile.name} profile",
         "",
-        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. {profile.describe()}",
+        f"Written {datetime.now(UTC):%Y-%m-%d %H:%M UTC}. {profile.describe()}",
         "",
     ]
     for stage in ("sft", "dpo"):

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from helpers.config import PROJECT_ROOT, Profile, load_profile
+from helpers.preflight import check_environment
 from helpers.report import write_report
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -62,6 +63,7 @@ def main() -> int:
 
     profile = load_profile()
     print(profile.describe())
+    check_environment(profile)  # before any notebook starts, not an hour into one
     pin_settings(profile)
     out_dir = profile.output_dir / "notebooks"
     notebooks = series()

@@ -21,10 +21,12 @@ about n tokens.
 
     python -m helpers.shapes --out .cache/shapes-world            # data + tokenizer (CPU, seconds)
     python -m helpers.shapes --out /tmp/shapes-world --model      # also the 8B-shaped model (GPU, under a minute)
+    python -m helpers.shapes --out /tmp/shapes-world --model --reward-model   # and a reward-model stand-in
 
 The folder then holds `finetome-shapes.jsonl`, `orpo-dpo-mix-shapes.jsonl`, `tokenizer/`, `stats.json` and
 (with `--model`) `model-bnb-4bit/`: the 8B-shaped model saved in 4-bit NF4, as `unsloth/Meta-Llama-3.1-8B-bnb-4bit`
-is, so loading it takes seconds. `shapes_profile(world)` is the full profile pointed at that folder.
+is, so loading it takes seconds (and with `--reward-model`, `reward-model-bf16/`, 16 GB). `shapes_profile(world)`
+is the full profile pointed at that folder.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ SYSTEM_PROMPT_TOKENS = 20
 SFT_FILE = "finetome-shapes.jsonl"
 PREFERENCE_FILE = "orpo-dpo-mix-shapes.jsonl"
 MODEL_DIR = "model-bnb-4bit"
+REWARD_DIR = "reward-model-bf16"
 
 
 @dataclass(frozen=True)
@@ -263,10 +266,12 @@ def model_config(tokenizer, shape: str = "llama-3.1-8b"):
     )
 
 
-def build_model(world: Path, tokenizer, shape: str = "llama-3.1-8b", seed: int = 0) -> dict:
+def build_model(world: Path, tokenizer, shape: str = "llama-3.1-8b", seed: int = 0, keep_bf16: bool = False) -> dict:
     """Random bf16 weights made on the GPU (CPU for `tiny`), saved, reloaded in 4-bit NF4 and saved again.
 
-    The bf16 copy is deleted at the end; `world / MODEL_DIR` holds the 4-bit model and the tokenizer.
+    `world / MODEL_DIR` holds the 4-bit model and the tokenizer. The bf16 copy is deleted, or with `keep_bf16`
+    kept as `world / REWARD_DIR`: loaded with `AutoModelForSequenceClassification` it is an 8B Llama with a fresh
+    scalar head, the shape of the full profile's reward model (GRM-Llama3.1-8B), as a local stand-in.
     Returns timings in seconds.
     """
     import torch
@@ -302,7 +307,11 @@ def build_model(world: Path, tokenizer, shape: str = "llama-3.1-8b", seed: int =
     timings["quantize_and_save_4bit_s"] = round(time.perf_counter() - start, 1)
     del model
     torch.cuda.empty_cache()
-    shutil.rmtree(bf16_dir)
+    if keep_bf16:
+        shutil.rmtree(world / REWARD_DIR, ignore_errors=True)
+        bf16_dir.rename(world / REWARD_DIR)
+    else:
+        shutil.rmtree(bf16_dir)
     return timings
 
 
@@ -310,9 +319,15 @@ def build_model(world: Path, tokenizer, shape: str = "llama-3.1-8b", seed: int =
 
 
 def build_world(
-    world: Path, sft_rows_n: int = 4000, preference_rows_n: int = 4000, seed: int = 0, shape: str | None = None
+    world: Path,
+    sft_rows_n: int = 4000,
+    preference_rows_n: int = 4000,
+    seed: int = 0,
+    shape: str | None = None,
+    reward_model: bool = False,
 ) -> dict:
-    """Write the tokenizer and datasets (and, when `shape` is given, the model) to `world`; return the stats."""
+    """Write the tokenizer and datasets (and, when `shape` is given, the model and with `reward_model` the reward
+    stand-in) to `world`; return the stats."""
     world = Path(world)
     world.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(seed)
@@ -336,7 +351,7 @@ def build_world(
         **measure_world(world, tokenizer),
     }
     if shape is not None:
-        stats["model"] = {"shape": shape, **build_model(world, tokenizer, shape, seed)}
+        stats["model"] = {"shape": shape, **build_model(world, tokenizer, shape, seed, keep_bf16=reward_model)}
     (world / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -349,7 +364,7 @@ def shapes_profile(world: Path, seed: int = 42, backend: str = "unsloth", base: 
         model_id=str(world / MODEL_DIR),
         sft_dataset=str(world / SFT_FILE),
         preference_dataset=str(world / PREFERENCE_FILE),
-        reward_model_id=None,
+        reward_model_id=str(world / REWARD_DIR) if (world / REWARD_DIR).is_dir() else None,
     )
 
 
@@ -357,12 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write the world to")
     parser.add_argument("--model", action="store_true", help="also build the model (a GPU for the 8B shape)")
+    parser.add_argument("--reward-model", action="store_true", help="with --model: keep the bf16 copy as reward model")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     parser.add_argument("--sft-rows", type=int, default=4000)
     parser.add_argument("--preference-rows", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    stats = build_world(args.out, args.sft_rows, args.preference_rows, args.seed, args.shape if args.model else None)
+    shape = args.shape if args.model else None
+    stats = build_world(args.out, args.sft_rows, args.preference_rows, args.seed, shape, args.reward_model)
     print(json.dumps(stats, indent=2))
     return 0
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from helpers.chat import BOS, END_OF_TEXT, PAD, SPECIAL_TOKENS, apply_llama31_template
@@ -254,8 +255,15 @@ def build_smoke_world(seed: int, force: bool = False) -> Path:
     build never leaves a half world behind.
     """
     world = smoke_world_dir(seed)
-    if (world / "DONE").exists() and not force:
-        return world
+    world.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(world) + ".lock"):  # two processes asking at once: one builds, the other waits
+        if (world / "DONE").exists() and not force:
+            return world
+        return build_world_unlocked(world, seed)
+
+
+def build_world_unlocked(world: Path, seed: int) -> Path:
+    """Write the world into `<world>.partial`, then rename it into place (callers hold the lock)."""
     staging = world.with_name(world.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)

@@ -339,6 +339,20 @@ def discard_stale_checkpoints(trainer: Any, profile: Profile) -> None:
     stamp.write_text(settings)
 
 
+def restore_trained_adapter(model: Any, checkpoint: Path) -> None:
+    """Load the trained ("default") adapter of a checkpoint that also holds other adapters (DPO's frozen "ref").
+
+    Why: when a checkpoint has adapter subfolders, the Trainer resumes by loading those subfolders only, so DPO's
+    policy, saved at the checkpoint's top level, would silently restart from the SFT weights.
+    """
+    weights = checkpoint / "adapter_model.safetensors"
+    if weights.exists() and any((sub / weights.name).exists() for sub in checkpoint.iterdir() if sub.is_dir()):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(weights), adapter_name="default")
+
+
 def run_training(trainer: Any, resume: bool = True):
     """Train, resuming from the last complete checkpoint when there is one.
 
@@ -352,6 +366,7 @@ def run_training(trainer: Any, resume: bool = True):
     resume_from = str(checkpoints[-1]) if resume and checkpoints else None
     if resume_from:
         print(f"resuming from {resume_from}")
+        restore_trained_adapter(trainer.model, Path(resume_from))
     try:
         return trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as e:

@@ -1,13 +1,14 @@
 """Interrupted training resumes from its last complete checkpoint and ends with the uninterrupted run's adapter.
 
 A run is killed (SIGKILL, or SIGINT as from Ctrl-C) in a subprocess once its first checkpoint is marked
-complete, then resumed with one call, `pipeline.run_sft(profile)`. Its final adapter must equal, tensor by
-tensor, the adapter of an uninterrupted run with the same seed.
+complete, then resumed with one call, `pipeline.run_sft(profile)` or `pipeline.run_dpo(profile)`. Its final
+adapter must equal, tensor by tensor, the adapter of an uninterrupted run with the same seed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,47 +26,53 @@ from helpers.config import Profile, smoke_profile
 from helpers.model import load_adapter, load_base, load_for_training
 
 # On a CPU with a fixed seed every step is the same sequence of float operations, so a resumed run should be
-# bit for bit the uninterrupted one. Measured: identical (max |difference| 0.0). Tolerance 0: any difference
-# means some state (weights, optimizer, scheduler, data order, RNG) was not restored.
+# bit for bit the uninterrupted one. Measured: identical (max |difference| 0.0), so the tolerance is 0: any
+# difference means some state was not restored. Three bugs showed this way before they were fixed: LoRA weights
+# initialised from an unseeded generator (0.2), resume up-casting the bf16 adapter to fp32 (1 bf16 ulp), and
+# DPO resuming its policy from the SFT weights instead of the checkpoint (0.004, rewards visibly lower).
 ATOL = 0.0
 KILL_TIMEOUT_S = 300
 TESTS_DIR = Path(__file__).parent
 CHILD = (
     "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); from test_resume import short_profile; "
-    "from helpers import pipeline; pipeline.run_sft(short_profile(Path(sys.argv[2])))"
+    "from helpers import pipeline; getattr(pipeline, 'run_' + sys.argv[3])(short_profile(Path(sys.argv[2])))"
 )
 
 
 def short_profile(outputs: Path) -> Profile:
-    """The smoke profile cut to 12 SFT steps (96 rows, batch 16, 2 epochs), a checkpoint every 3 steps."""
+    """The smoke profile cut short, a checkpoint every 3 steps: SFT 12 steps (96 rows, batch 16, 2 epochs),
+    DPO 10 steps (48 rows, batch 8, 2 epochs)."""
     profile = smoke_profile(42, "hf")
     sft = replace(profile.sft, num_train_epochs=2, save_steps=3, logging_steps=1)
-    return replace(profile, outputs_root=str(outputs), max_sft_rows=96, sft=sft)
+    dpo = replace(profile.dpo, num_train_epochs=2, save_steps=3, logging_steps=1)
+    return replace(profile, outputs_root=str(outputs), max_sft_rows=96, max_preference_rows=48, sft=sft, dpo=dpo)
 
 
-def adapter_weights(profile: Profile) -> dict[str, torch.Tensor]:
-    return load_file(profile.sft_adapter_dir / "adapter_model.safetensors")
+def adapter_weights(profile: Profile, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(profile.output_dir / f"{stage}-adapter" / "adapter_model.safetensors")
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
+    assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(smoke_world, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The adapter of a run that was never interrupted."""
+def uninterrupted(smoke_world, tmp_path_factory) -> Profile:
+    """A profile whose SFT adapter was trained without interruption."""
     profile = short_profile(tmp_path_factory.mktemp("uninterrupted"))
-    assert pipeline.run_sft(profile)["steps"] == 12
-    return adapter_weights(profile)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        assert pipeline.run_sft(profile)["steps"] == 12
+    return profile
 
 
-def interrupt_at_first_checkpoint(profile: Profile, sig: signal.Signals) -> subprocess.CompletedProcess:
-    """Run SFT in a subprocess and send it `sig` as soon as a checkpoint is marked complete."""
+def interrupt_at_first_checkpoint(profile: Profile, stage: str, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """Run `stage` ('sft' or 'dpo') in a subprocess and send it `sig` once a checkpoint is marked complete."""
     env = os.environ | {"WANDB_MODE": "disabled"}
-    args = [sys.executable, "-c", CHILD, str(TESTS_DIR), profile.outputs_root]
+    args = [sys.executable, "-c", CHILD, str(TESTS_DIR), profile.outputs_root, stage]
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    checkpoints = profile.output_dir / "sft-checkpoints"
+    checkpoints = profile.output_dir / f"{stage}-checkpoints"
     deadline = time.monotonic() + KILL_TIMEOUT_S
     while not train.complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -74,33 +81,53 @@ def interrupt_at_first_checkpoint(profile: Profile, sig: signal.Signals) -> subp
     return subprocess.CompletedProcess(args, process.returncode, output)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_run_resumes_to_the_same_adapter(sig, uninterrupted, tmp_path, capsys):
-    profile = short_profile(tmp_path)
-    killed = interrupt_at_first_checkpoint(profile, sig)
+def interrupt_and_resume(profile: Profile, stage: str, sig: signal.Signals, capsys) -> dict[str, torch.Tensor]:
+    """Interrupt `stage` at its first checkpoint, resume it with one call; return the final adapter."""
+    killed = interrupt_at_first_checkpoint(profile, stage, sig)
     assert killed.returncode != 0, f"the run ended before it was interrupted:\n{killed.stdout[-2000:]}"
-    assert not profile.sft_adapter_dir.exists()
-    checkpoints = profile.output_dir / "sft-checkpoints"
+    assert not (profile.output_dir / f"{stage}-adapter").exists()
+    checkpoints = profile.output_dir / f"{stage}-checkpoints"
     assert train.complete_checkpoints(checkpoints), f"no checkpoint was completed:\n{killed.stdout[-2000:]}"
     last_complete = train.complete_checkpoints(checkpoints)[-1]
     # A checkpoint a crash left half-written (no completion marker) must be removed, not resumed from.
     half_written = checkpoints / "checkpoint-11"
     half_written.mkdir(exist_ok=True)
     (half_written / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+    capsys.readouterr()
 
-    assert pipeline.run_sft(profile)["steps"] == 12  # one call resumes
+    getattr(pipeline, f"run_{stage}")(profile)  # one call resumes
     assert f"resuming from {last_complete}" in capsys.readouterr().out
     assert not half_written.exists()
-    difference = max_difference(adapter_weights(profile), uninterrupted)
+    return adapter_weights(profile, stage)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_sft_resumes_to_the_same_adapter(sig, uninterrupted, tmp_path, capsys):
+    resumed = interrupt_and_resume(short_profile(tmp_path), "sft", sig, capsys)
+    difference = max_difference(resumed, adapter_weights(uninterrupted, "sft"))
     assert difference <= ATOL, f"resumed adapter differs from the uninterrupted one by {difference:g}"
+
+
+@pytest.mark.slow
+def test_interrupted_dpo_resumes_to_the_same_adapter(uninterrupted, capsys):
+    profile = uninterrupted  # its SFT adapter is current, so DPO starts from it without retraining
+    expected = pipeline.run_dpo(profile)
+    weights = adapter_weights(profile, "dpo")
+    shutil.rmtree(profile.dpo_adapter_dir)
+    shutil.rmtree(profile.output_dir / "dpo-checkpoints")
+
+    resumed = interrupt_and_resume(profile, "dpo", signal.SIGKILL, capsys)
+    difference = max_difference(resumed, weights)
+    assert difference <= ATOL, f"resumed adapter differs from the uninterrupted one by {difference:g}"
+    assert pipeline.read_metrics(profile)["dpo"] == expected  # the same rewards, too
 
 
 class RecordingTrainer:
     """Stands in for a Trainer: remembers which checkpoint `train` was asked to resume from."""
 
     def __init__(self, output_dir: Path):
-        self.args = SimpleNamespace(output_dir=str(output_dir))
+        self.args, self.model = SimpleNamespace(output_dir=str(output_dir)), None
         self.resumed_from = "never called"
 
     def train(self, resume_from_checkpoint=None):

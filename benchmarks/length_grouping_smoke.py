@@ -1,0 +1,113 @@
+"""Does batching by length bias DPO? Train the smoke profile's DPO with and without it and compare (CPU, minutes).
+
+`group_by_length=True` (the project's setting) sorts pairs by length, cuts the sorted list into batches and shuffles
+the order of the batches each epoch (`helpers.train.LengthBucketSampler`); `False` is TRL's shuffled sampler.
+Both start from the same SFT adapter and see every pair once an epoch, so only the batching differs. Several seeds,
+because one seed's curve is noisy. Written: `results/length_grouping_smoke.json` and `.png`.
+
+    python benchmarks/length_grouping_smoke.py --seeds 42 1 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_seed(seed: int, outputs_root: Path) -> dict:
+    """SFT once, then DPO twice from that adapter (grouped, shuffled); losses and held-out rewards of each."""
+    from helpers import pipeline, train
+    from helpers.config import smoke_profile
+    from helpers.model import load_for_training
+
+    base = replace(smoke_profile(seed, "hf"), report_to_wandb=False, outputs_root=str(outputs_root))
+    pipeline.prepare(base)
+    pipeline.ensure_sft_adapter(base)
+    runs = {}
+    for grouped in (True, False):
+        profile = replace(base, dpo=replace(base.dpo, group_by_length=grouped, save_steps=10**9))
+        model, tokenizer = load_for_training(profile, profile.dpo.max_length, adapter_dir=profile.sft_adapter_dir)
+        splits = pipeline.preference_splits(profile, tokenizer)
+        trainer = train.make_dpo_trainer(profile, model, tokenizer, splits.train, splits.eval)
+        start = time.perf_counter()
+        trainer.train()
+        after = trainer.evaluate(metric_key_prefix="eval")
+        history = train.log_history(trainer)
+        name = "grouped" if grouped else "shuffled"
+        runs[name] = {
+            "steps": [h["step"] for h in history if "loss" in h],
+            "loss": [round(h["loss"], 5) for h in history if "loss" in h],
+            "eval_loss": round(after["eval_loss"], 5),
+            "eval_reward_accuracy": round(after["eval_rewards/accuracies"], 4),
+            "eval_reward_margin": round(after["eval_rewards/margins"], 4),
+            "train_s": round(time.perf_counter() - start, 1),
+        }
+        print(seed, name, {k: v for k, v in runs[name].items() if "eval" in k}, flush=True)
+    return runs
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, color in (("grouped", "tab:blue"), ("shuffled", "tab:orange")):
+        curves = [runs[name] for runs in results["seeds"].values()]
+        for curve in curves:
+            ax.plot(curve["steps"], curve["loss"], color=color, alpha=0.25, linewidth=1)
+        steps = curves[0]["steps"]
+        mean = [statistics.fmean(c["loss"][i] for c in curves) for i in range(len(steps))]
+        label = "grouped by length, batches shuffled" if name == "grouped" else "shuffled pairs (TRL default)"
+        ax.plot(steps, mean, color=color, linewidth=2.5, label=f"{label}: mean of {len(curves)} seeds")
+    ax.set(xlabel="optimizer step", ylabel="DPO training loss", title="Smoke profile DPO: batching by length")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def summarize(results: dict) -> dict:
+    """Per-variant means over seeds of the final losses and held-out rewards."""
+    summary = {}
+    for name in ("grouped", "shuffled"):
+        runs = [seed_runs[name] for seed_runs in results["seeds"].values()]
+        summary[name] = {
+            "final_train_loss_mean": round(statistics.fmean(r["loss"][-1] for r in runs), 4),
+            "last_quarter_train_loss_mean": round(
+                statistics.fmean(statistics.fmean(r["loss"][-max(1, len(r["loss"]) // 4) :]) for r in runs), 4
+            ),
+            "eval_loss_mean": round(statistics.fmean(r["eval_loss"] for r in runs), 4),
+            "eval_reward_accuracy_mean": round(statistics.fmean(r["eval_reward_accuracy"] for r in runs), 4),
+            "eval_reward_margin_mean": round(statistics.fmean(r["eval_reward_margin"] for r in runs), 4),
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 7])
+    parser.add_argument("--out", type=Path, default=RESULTS / "length_grouping_smoke.json")
+    args = parser.parse_args(argv)
+    results = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "seeds": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="grouping-") as tmp:
+        for seed in args.seeds:  # written after every seed, so a stopped run keeps the seeds it finished
+            results["seeds"][str(seed)] = run_seed(seed, Path(tmp))
+            results["summary"] = summarize(results)
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+            plot(results, args.out.with_suffix(".png"))
+            print(json.dumps(results["summary"], indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

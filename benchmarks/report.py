@@ -1,0 +1,199 @@
+"""Turn benchmark JSON into the tables of benchmarks/README.md (between its `results` markers), never by hand.
+
+    python benchmarks/report.py benchmarks/results/h200-run*.json
+
+Each JSON is one run (one machine, one command, the same data for every path). Targets are checked only between
+paths of the same run. The full-run estimate scales the measured rates to the full datasets (how: see `estimate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent / "README.md"
+GROUPING = Path(__file__).resolve().parent / "results" / "length_grouping_smoke.json"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+GROUPING_START, GROUPING_END = "<!-- grouping:start -->", "<!-- grouping:end -->"
+
+DESCRIPTIONS = {
+    "project_sft": "project SFT: `make_sft_trainer`, full profile (packing 8 × 2048)",
+    "plain_unsloth_loop": "plain Unsloth loop, full fixed-length batches 8 × 2048",
+    "unsloth_trl_defaults_sft": "Unsloth + TRL `SFTTrainer` defaults (batch 2, shuffled)",
+    "hf_peft_bnb_sft": "transformers + peft + bitsandbytes: project SFT with `backend=hf`",
+    "project_dpo": "project DPO: `make_dpo_trainer`, full profile (16 pairs, grouped by length)",
+    "project_dpo_b32": "project DPO with 32 pairs a batch (the candidate for 80 GB GPUs)",
+    "unsloth_trl_defaults_dpo": "Unsloth + TRL `DPOTrainer` defaults (batch 2, shuffled)",
+    "project_dpo_2048_b2": "project DPO at `max_length` 2048, batch 2 (16 GB GPU recipe)",
+    "project_dpo_padded": "project DPO again, same settings (its padding-free hook never engaged): the spread",
+    "sft_b8": "project SFT, packing 8 × 2048, flash-varlen attention",
+    "sft_b8_no_flash_varlen": "the same without `enable_packed_flash_attention` (one SDPA per sequence)",
+    "plain_8x2048": "plain Unsloth loop, 8 × 2048",
+    "dpo_b16": "project DPO, 16 pairs grouped",
+    "defaults_dpo": "Unsloth + TRL `DPOTrainer` defaults (batch 2, shuffled)",
+}
+
+# (name, numerator path, denominator path or None, metric, bound, "min" or "max")
+TARGETS = [
+    ("SFT real tokens/s ≥ 0.95 × plain Unsloth loop", "project_sft", "plain_unsloth_loop", "tokens_per_s", 0.95, "min"),
+    ("SFT real tokens/s ≥ 3 × transformers+peft+bnb", "project_sft", "hf_peft_bnb_sft", "tokens_per_s", 3.0, "min"),
+    ("DPO pairs/s ≥ 2 × Unsloth+TRL defaults", "project_dpo", "unsloth_trl_defaults_dpo", "pairs_per_s", 2.0, "min"),
+    ("(same, its repeat)", "project_dpo_padded", "unsloth_trl_defaults_dpo", "pairs_per_s", 2.0, "min"),
+    ("DPO (24 GB setting) peak ≤ 16 GiB", "project_dpo", None, "peak_allocated_gib", 16.0, "max"),
+    ("DPO max_length 2048, batch 2: peak ≤ 10 GiB", "project_dpo_2048_b2", None, "peak_allocated_gib", 10.0, "max"),
+]
+
+# Full datasets of the tutorial (REFERENCE §5): FineTome-100k; orpo-dpo-mix-40k minus its 541 toxic-dpo rows.
+FULL_SFT_ROWS = 100_000
+FULL_DPO_ROWS = 44_245 - 541
+# Datasheet dense bf16 TFLOP/s and memory TB/s, to scale H200 times to other GPUs (a range: compute- vs
+# memory-bound). H200 SXM 989 / 4.8; A100 80 GB SXM 312 / 2.0; L4 (24 GB) 121 / 0.3.
+GPUS = {"A100 80 GB": (312, 2.0), "L4 24 GB": (121, 0.3)}
+H200 = (989, 4.8)
+
+
+def fmt(value, digits=0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def path_table(run: dict) -> list[str]:
+    lines = [
+        "| path | real tokens/s | pairs/s | real / padded tokens | peak allocated (reserved) GiB | measured |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, r in run["paths"].items():
+        if r.get("status") != "ok":
+            lines.append(f"| `{name}` | {r.get('status')}: {r.get('error', '')[:80]} | | | | |")
+            continue
+        if "tokens_per_s" not in r:  # a correctness check, not a timed path
+            continue
+        # The first sweep probed the longest batch outside `train()` (no gradient checkpointing): show its timed peak.
+        mem = r["timed_peak"] if "timed_peak" in r and "probe_peak" not in r else r
+        peak = f"{fmt(mem.get('peak_allocated_gib'), 2)} ({fmt(mem.get('peak_reserved_gib'), 2)})"
+        measured = f"{r['measured_micro_steps']} steps, {r['measured_s']} s"
+        label = DESCRIPTIONS.get(name, name)
+        pairs = fmt(r.get("pairs_per_s"), 2)
+        share = fmt(r.get("real_token_share"), 2)
+        lines.append(f"| `{name}`: {label} | {fmt(r['tokens_per_s'])} | {pairs} | {share} | {peak} | {measured} |")
+    return lines
+
+
+def target_rows(run: dict) -> list[str]:
+    rows = []
+    paths = run["paths"]
+    for name, num, den, metric, bound, kind in TARGETS:
+        if paths.get(num, {}).get("status") != "ok" or (den and paths.get(den, {}).get("status") != "ok"):
+            continue
+        value = paths[num][metric]
+        if den:
+            value = value / paths[den][metric]
+            shown = f"{value:.2f}× ({fmt(paths[num][metric], 2)} / {fmt(paths[den][metric], 2)})"
+        else:
+            shown = f"{value:.2f} GiB"
+        met = value >= bound if kind == "min" else value <= bound
+        rows.append(f"| {name} | {shown} | {'met' if met else '**missed**'} |")
+    return rows
+
+
+def estimate(runs: list[dict]) -> list[str]:
+    """Full-run time = rows × mean tokens (or pairs) / measured rate; other GPUs scaled by datasheet ratios."""
+    sft = dpo = None
+    for run in runs:
+        paths, world = run["paths"], run["world"]
+        if paths.get("project_sft", {}).get("status") == "ok":
+            tokens = world["sft_example_tokens"]["mean"] * (1 - world["sft_example_tokens"]["share_over_2048"])
+            sft = (FULL_SFT_ROWS * 0.99 * tokens / paths["project_sft"]["tokens_per_s"], paths["project_sft"])
+        if paths.get("project_dpo", {}).get("status") == "ok":
+            kept = 1 - world["dpo_pair_tokens_prompt_plus_longer_answer"]["share_over_1024"]
+            dpo = (FULL_DPO_ROWS * 0.99 * kept / paths["project_dpo"]["pairs_per_s"], paths["project_dpo"])
+    if not (sft and dpo):
+        return []
+    lines = [
+        "| GPU | SFT, 1 epoch | DPO, 1 epoch | peak GPU memory (SFT / DPO) |",
+        "|---|---:|---:|---:|",
+        f"| H200 (measured rates) | {sft[0] / 3600:.1f} h | {dpo[0] / 3600:.1f} h | "
+        f"{sft[1]['peak_allocated_gib']:.1f} / {dpo[1]['peak_allocated_gib']:.1f} GiB |",
+    ]
+    for gpu, (tflops, tbs) in GPUS.items():
+        fast, slow = min(H200[0] / tflops, H200[1] / tbs), max(H200[0] / tflops, H200[1] / tbs)
+        lines.append(
+            f"| {gpu} (scaled ×{fast:.1f} to ×{slow:.1f}) | {sft[0] * fast / 3600:.0f} to {sft[0] * slow / 3600:.0f} h"
+            f" | {dpo[0] * fast / 3600:.0f} to {dpo[0] * slow / 3600:.0f} h | same as H200 |"
+        )
+    return lines
+
+
+def render(files: list[Path]) -> str:
+    runs = [json.loads(f.read_text()) for f in files]
+    out = []
+    for f, run in zip(files, runs, strict=True):
+        v = run["versions"]
+        gpu = run["gpu"] or {}
+        out += [
+            f"### `{f.name}`: {gpu.get('name', 'no GPU')} ({gpu.get('memory_gib', '?')} GiB), {run['date']}",
+            "",
+            f"torch {v['torch_runtime']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
+            f"bitsandbytes {v['bitsandbytes']}, unsloth {v['unsloth']}; driver {gpu.get('driver')}; "
+            f"command: `{run['command']}`",
+            "",
+            *path_table(run),
+            "",
+        ]
+        targets = target_rows(run)
+        if targets:
+            out += ["| target (same run) | measured | |", "|---|---:|---|", *targets, ""]
+    lines = estimate(runs)
+    if lines:
+        out += ["### Expected time of the tutorial's full run", "", *lines, ""]
+    return "\n".join(out)
+
+
+def grouping_table(path: Path = GROUPING) -> str:
+    """Means over seeds of the smoke DPO runs with and without length grouping."""
+    if not path.exists():
+        return ""
+    results = json.loads(path.read_text())
+    rows = [
+        "| DPO batching (smoke, mean of seeds " + ", ".join(results["seeds"]) + ") | final train loss "
+        "| mean train loss, last quarter | held-out loss | held-out reward accuracy | held-out reward margin |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("grouped", "grouped by length, batches shuffled"), ("shuffled", "shuffled pairs")):
+        m = results["summary"][name]
+        rows.append(
+            f"| {label} | {m['final_train_loss_mean']:.4f} | {m['last_quarter_train_loss_mean']:.4f} "
+            f"| {m['eval_loss_mean']:.4f} | {m['eval_reward_accuracy_mean']:.3f} | {m['eval_reward_margin_mean']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{README} lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", type=Path, nargs="+")
+    parser.add_argument("--print", action="store_true", help="print instead of updating README.md")
+    args = parser.parse_args(argv)
+    text = render(args.files)
+    if args.print:
+        print(text)
+        return 0
+    readme = replace_between(README.read_text(), START, END, text)
+    readme = replace_between(readme, GROUPING_START, GROUPING_END, grouping_table())
+    README.write_text(readme)
+    print(f"updated {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
