@@ -138,9 +138,7 @@ def draw_rlhf_pipeline(path: str | Path | None = None) -> Figure:
         "sft": Box(2.0, 2.9, "SFT model\n$\\pi_{\\mathrm{SFT}}$", "model"),
         "policy": Box(6.5, 2.9, "Policy $\\pi_\\theta$\nsamples $y$ for prompt $x$", "model"),
         "ppo": Box(11.0, 2.9, "PPO: maximise\n$r_\\phi(x, y) - \\beta\\,\\mathrm{KL}$", "training"),
-        "ref": Box(
-            6.5, 0.9, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of $\\pi_{\\mathrm{SFT}}$)", "frozen"
-        ),
+        "ref": Box(6.5, 0.9, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of $\\pi_{\\mathrm{SFT}}$)", "frozen"),
     }
     arrows = [
         Arrow("pairs", "rm", "step 1"),
@@ -160,9 +158,7 @@ def draw_dpo_pipeline(path: str | Path | None = None) -> Figure:
         "pairs": Box(11.0, 4.6, "Preference pairs\n$(x, y_w, y_l)$", "data"),
         "sft": Box(2.0, 2.5, "SFT model\n$\\pi_{\\mathrm{SFT}}$", "model"),
         "policy": Box(6.5, 4.0, "Policy $\\pi_\\theta$\n(trained by the loss)", "model"),
-        "ref": Box(
-            6.5, 1.0, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of $\\pi_{\\mathrm{SFT}}$)", "frozen"
-        ),
+        "ref": Box(6.5, 1.0, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of $\\pi_{\\mathrm{SFT}}$)", "frozen"),
         "loss": Box(11.0, 2.5, "DPO loss\n$-\\log\\sigma(\\beta \\cdot \\mathrm{margin})$", "training"),
     }
     arrows = [
@@ -202,9 +198,7 @@ def plot_dpo_loss_vs_margin(
         ax_loss.plot(x, losses.detach(), label=f"$\\beta$ = {beta:g}")
         ax_push.plot(x, push, label=f"$\\beta$ = {beta:g}")
     ax_loss.axhline(math.log(2), color="grey", linestyle=":", linewidth=1)
-    ax_loss.annotate(
-        "log 2 at margin 0", (0, math.log(2)), xytext=(6, 3), fontsize=9, arrowprops={"arrowstyle": "->"}
-    )
+    ax_loss.annotate("log 2 at margin 0", (0, math.log(2)), xytext=(6, 3), fontsize=9, arrowprops={"arrowstyle": "->"})
     ax_loss.set_ylabel("DPO loss")
     ax_loss.set_title("Loss: larger $\\beta$, steeper and sooner flat", fontsize=11)
     ax_push.set_ylabel("push on the margin, $\\beta\\,\\sigma(-\\beta \\cdot \\mathrm{margin})$")

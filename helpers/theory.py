@@ -130,9 +130,7 @@ class _FixedLogProbs(torch.nn.Module):
     def forward(self, **kwargs) -> SimpleNamespace:
         zeros = torch.zeros_like(self.per_token_logps)
         # entropy, mean_logits and is_top1 only feed TRL's logged metrics, not the loss or the rewards.
-        return SimpleNamespace(
-            log_probs=self.per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool()
-        )
+        return SimpleNamespace(log_probs=self.per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 
 
 def trl_dpo_loss(
@@ -163,9 +161,7 @@ def trl_dpo_loss(
     """
     from trl import DPOConfig, DPOTrainer  # imported here: TRL takes seconds to import and only this needs it
 
-    args = DPOConfig(
-        beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=True, bf16=False, report_to="none"
-    )
+    args = DPOConfig(beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=True, bf16=False, report_to="none")
     trainer = object.__new__(DPOTrainer)
     trainer.beta = args.beta
     trainer.precompute_ref_logps = args.precompute_ref_log_probs
@@ -295,9 +291,7 @@ def lora_trainable_params(shapes: ModelShapes, r: int, target_modules: tuple[str
     return shapes.num_hidden_layers * sum(r * (layers[m][0] + layers[m][1]) for m in target_modules)
 
 
-def peft_lora_param_counts(
-    shapes: ModelShapes, r: int, target_modules: tuple[str, ...] | list[str]
-) -> tuple[int, int]:
+def peft_lora_param_counts(shapes: ModelShapes, r: int, target_modules: tuple[str, ...] | list[str]) -> tuple[int, int]:
     """Count with transformers and PEFT themselves: a `LlamaForCausalLM` of these shapes on the meta device
     (shapes only, no memory), wrapped by `get_peft_model`.
 

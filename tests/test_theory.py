@@ -83,9 +83,7 @@ def test_dpo_loss_is_bradley_terry_nll_of_implicit_rewards():
     torch.testing.assert_close(losses, -bradley_terry_prob(chosen_rewards, rejected_rewards).log())
 
 
-@pytest.mark.parametrize(
-    ("beta", "dtype"), [(0.1, torch.float64), (0.5, torch.float32), (2.0, torch.float64)]
-)
+@pytest.mark.parametrize(("beta", "dtype"), [(0.1, torch.float64), (0.5, torch.float32), (2.0, torch.float64)])
 def test_dpo_loss_matches_trl(beta, dtype):
     logps = random_logps(48, seed=3, dtype=dtype)
     ours = dpo_loss(*logps, beta)

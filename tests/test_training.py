@@ -90,9 +90,7 @@ UNSLOTH_SCRIPT = textwrap.dedent(
 
 def test_unsloth_backend_trains_sft_and_dpo_on_cpu(smoke_world, tmp_path):
     env = os.environ | {"TUTORIAL_BACKEND": "unsloth", "TUTORIAL_OUTPUTS": str(tmp_path), "WANDB_MODE": "disabled"}
-    done = subprocess.run(
-        [sys.executable, "-c", UNSLOTH_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([sys.executable, "-c", UNSLOTH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     result = json.loads(lines[0].removeprefix("RESULT "))
