@@ -20,6 +20,12 @@ def pytest_configure(config):
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
+@pytest.fixture
+def session_outputs() -> Path:
+    """Where this session's notebooks (run by nbval) wrote their outputs."""
+    return SESSION_OUTPUTS
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TUTORIAL_OUTPUTS", str(tmp_path / "outputs"))

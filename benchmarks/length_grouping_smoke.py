@@ -63,13 +63,16 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, color in (("grouped", "tab:blue"), ("shuffled", "tab:orange")):
         curves = [runs[name] for runs in results["seeds"].values()]
-        for curve in curves:
-            ax.plot(curve["steps"], curve["loss"], color=color, alpha=0.25, linewidth=1)
         steps = curves[0]["steps"]
         mean = [statistics.fmean(c["loss"][i] for c in curves) for i in range(len(steps))]
+        ax.plot(steps, mean, color=color, alpha=0.3, linewidth=1)
+        # Grouped batches hold pairs of one kind, so single logged losses scatter more: compare running means.
+        window = 8
+        smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
         label = "grouped by length, batches shuffled" if name == "grouped" else "shuffled pairs (TRL default)"
-        ax.plot(steps, mean, color=color, linewidth=2.5, label=f"{label}: mean of {len(curves)} seeds")
-    ax.set(xlabel="optimizer step", ylabel="DPO training loss", title="Smoke profile DPO: batching by length")
+        ax.plot(steps, smooth, color=color, linewidth=2.5, label=f"{label} (mean of {len(curves)} seeds)")
+    ax.set(xlabel="optimizer step", ylabel="DPO training loss")
+    ax.set_title("Smoke profile DPO: batching by length (thin: logged; thick: running mean of 8)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -96,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 7])
     parser.add_argument("--out", type=Path, default=RESULTS / "length_grouping_smoke.json")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
     results = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "seeds": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="grouping-") as tmp:

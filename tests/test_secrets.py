@@ -64,21 +64,19 @@ def test_no_real_token_is_committed():
     assert not found, f"something shaped like a Hugging Face token in {found}"
 
 
-def reuse_session_checkpoints(outputs) -> None:
+def reuse_session_checkpoints(session_outputs, outputs) -> None:
     """Start from the notebooks' run of this session (nbval runs first), when it finished training.
 
     Training then resumes from its final checkpoints and takes no step, so the series costs minutes instead of
     a second full training; every notebook still runs, loads, evaluates and writes with the tokens set.
     """
-    from conftest import SESSION_OUTPUTS
-
-    finished = SESSION_OUTPUTS / "smoke"
+    finished = session_outputs / "smoke"
     if (finished / "dpo-adapter" / "settings.json").exists():
         shutil.copytree(finished, outputs / "smoke", ignore=shutil.ignore_patterns("notebooks", "wandb"))
 
 
 @pytest.mark.slow
-def test_smoke_series_never_prints_or_writes_a_token(smoke_world, tmp_path):
+def test_smoke_series_never_prints_or_writes_a_token(smoke_world, session_outputs, tmp_path):
     outputs, home = tmp_path / "outputs", tmp_path / "home"
     env = os.environ | {
         "HF_TOKEN": FAKE_HF_TOKEN,
@@ -94,7 +92,7 @@ def test_smoke_series_never_prints_or_writes_a_token(smoke_world, tmp_path):
         "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
         "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
     }
-    reuse_session_checkpoints(outputs)
+    reuse_session_checkpoints(session_outputs, outputs)
     notebooks = series()
     done = subprocess.run(
         [sys.executable, "-m", "helpers.run"],
