@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from helpers.chat import BOS, END_OF_TEXT, PAD, SPECIAL_TOKENS, apply_llama31_template
+from helpers import smoke
 from helpers.config import Profile, full_profile
 
 # Llama-3.1-8B's config.json, exactly (meta-llama/Llama-3.1-8B).
@@ -133,28 +133,12 @@ def train_tokenizer(seed: int = 0, vocab_size: int = TOKENIZER_VOCAB):
     Its vocabulary is much smaller than the model's 128,256 rows: ids past it are simply never used, which
     changes nothing in the cost of a step (the output layer still has all 128,256 rows).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = random.Random(seed)
     words = pseudo_words(rng)
     # Zipf-like frequencies, so common words become single tokens.
     weights = [1 / (rank + 1) ** 0.8 for rank in range(len(words))]
     corpus = [" ".join(rng.choices(words, weights, k=64)) for _ in range(4000)]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS, eos_token=END_OF_TEXT, pad_token=PAD, model_max_length=131072
-    )
-    return apply_llama31_template(tokenizer)
+    return smoke.train_tokenizer(corpus, vocab_size=vocab_size, model_max_length=131072)
 
 
 def single_token_words(tokenizer) -> list[str]:

@@ -189,7 +189,9 @@ def tokenizer_corpus(rng: random.Random) -> list[str]:
     )
 
 
-def train_tokenizer(corpus: list[str]):
+def train_tokenizer(
+    corpus: list[str], vocab_size: int = VOCAB_SIZE, model_max_length: int = MODEL_SHAPE["max_position_embeddings"]
+):
     """A byte-level BPE tokenizer with Llama-3's special tokens and the Llama-3.1 chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -198,7 +200,7 @@ def train_tokenizer(corpus: list[str]):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -209,7 +211,7 @@ def train_tokenizer(corpus: list[str]):
         bos_token=BOS,
         eos_token=END_OF_TEXT,
         pad_token=PAD,
-        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+        model_max_length=model_max_length,
     )
     return apply_llama31_template(tokenizer)
 
