@@ -6,6 +6,7 @@ Function tests get a folder of their own; tests that want W&B or other outputs s
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,10 @@ def pytest_configure(config):
     os.environ["TUTORIAL_OUTPUTS"] = str(SESSION_OUTPUTS)
     os.environ["TUTORIAL_PROFILE"] = "smoke"
     os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_OUTPUTS, ignore_errors=True)  # adapters and checkpoints of the notebooks' run
 
 
 @pytest.fixture
