@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 
 SESSION_OUTPUTS = Path(tempfile.mkdtemp(prefix="align-llama-test-outputs-"))
+# The tests run the recipe on a seed other than the default (42), one of benchmarks/smoke_seeds.py's fresh seeds:
+# what the notebooks assert must hold for any seed, not the one the recipe was developed on.
+TEST_SEED = "204"
 
 
 def pytest_configure(config):
     os.environ["TUTORIAL_OUTPUTS"] = str(SESSION_OUTPUTS)
     os.environ["TUTORIAL_PROFILE"] = "smoke"
+    os.environ["TUTORIAL_SEED"] = TEST_SEED
     os.environ.setdefault("WANDB_MODE", "offline")
 
 

@@ -1,9 +1,5 @@
 """Helpers for the align-llama tutorial: everything the notebooks call, one topic per module.
 
-Importing the package imports Unsloth first when the environment selects it (TUTORIAL_BACKEND), because
-Unsloth must patch transformers, peft and trl before any of them is imported.
+Importing the package imports nothing heavy; the modules that use transformers, peft or trl import
+`helpers.backend` first, which imports Unsloth when it is the selected backend (it must patch them first).
 """
-
-from helpers.config import import_selected_backend
-
-import_selected_backend()

@@ -8,6 +8,7 @@ so both profiles use this one. It renders exactly the Llama-3.1 turn layout:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 BOS = "<|begin_of_text|>"
@@ -17,6 +18,39 @@ END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
 SPECIAL_TOKENS = (BOS, END_OF_TEXT, START_HEADER, END_HEADER, EOT, PAD)
+# The tokens of the chat format that a base model never saw in pretraining (their rows are about 0 in Meta's
+# Llama-3.1 base): `helpers.model` gives them the mean embedding, and LoRA trains their input rows.
+CHAT_TOKENS = (START_HEADER, END_HEADER, EOT)
+# How Llama 3 cuts text before BPE (Meta's `Tokenizer.pat_str`): letters keep one leading space or punctuation
+# mark, numbers are cut into groups of at most three digits with no space, so "7" is one token wherever it is.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+
+# All 256 special tokens of the Llama 3 tokenizer in id order (ids 128000 to 128255), by the rule Meta's
+# `llama_models/llama3/tokenizer.py` uses: twelve named ones, then reserved ones numbered on from 2.
+EOM = "<|eom_id|>"
+NAMED_LLAMA3_SPECIAL_TOKENS = (
+    BOS,
+    END_OF_TEXT,
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    PAD,
+    "<|step_id|>",
+    START_HEADER,
+    END_HEADER,
+    EOM,
+    EOT,
+    "<|python_tag|>",
+    "<|image|>",
+)
+NUM_LLAMA3_SPECIAL_TOKENS = 256
+LLAMA3_SPECIAL_TOKENS = NAMED_LLAMA3_SPECIAL_TOKENS + tuple(
+    f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_LLAMA3_SPECIAL_TOKENS - len(NAMED_LLAMA3_SPECIAL_TOKENS))
+)
+_SPECIAL_TOKEN_SET = frozenset(LLAMA3_SPECIAL_TOKENS)
+_SPECIAL_TOKEN_SHAPE = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 LLAMA31_CHAT_TEMPLATE = (
     "{{- bos_token }}"
@@ -58,3 +92,16 @@ def apply_llama31_template(tokenizer: Any) -> Any:
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Token ids that end an assistant turn in generation (end of turn and end of text)."""
     return [tokenizer.convert_tokens_to_ids(t) for t in (EOT, END_OF_TEXT)]
+
+
+def find_special_token(text: str) -> str | None:
+    """The first Llama 3 special token written out as literal text in `text`, or None.
+
+    Why: a Hugging Face tokenizer turns such text into the control token itself (Meta's reference encoder keeps it
+    as text), so a `<|eot_id|>` inside an answer would teach the model to end its turn there. Matching is exact
+    and case-sensitive, as the tokenizer's is: `<|EOT_ID|>` is plain text.
+    """
+    for match in _SPECIAL_TOKEN_SHAPE.finditer(text):
+        if match.group() in _SPECIAL_TOKEN_SET:
+            return match.group()
+    return None

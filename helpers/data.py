@@ -4,6 +4,11 @@ One loader serves both: a hub id (`mlabonne/FineTome-100k`) or a local JSON line
 the same schema. Every row is checked; a bad row is dropped and counted with its 1-based line number and the
 reason, never silently. When no row is usable, loading stops with a `DataError` that says why.
 
+Two checks guard the chat format. A message holding the literal text of a Llama 3 special token (`<|eot_id|>`,
+`<|start_header_id|>`, ...) drops its row: the tokenizer would turn that text into the control token itself.
+Such rows are dropped, not escaped, so the text the model learns is never altered behind the user's back. An
+empty system turn is removed and the row kept (counted as a change); other empty turns drop the row.
+
     python -m helpers.data check --kind sft|preference PATH_OR_HUB_ID
 
 prints that report for any file, with exit status 0 when at least one row is usable.
@@ -21,10 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers.chat import END_HEADER, END_OF_TEXT, EOM, EOT, START_HEADER, find_special_token
+
 ROLE_MAP = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 TOXIC_SOURCES = ("toxic-dpo-v0.2",)  # orpo-dpo-mix-40k's card asks to drop these rows
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_PROBLEMS_SHOWN = 20
+SPECIAL_TOKEN_TEXT = "literal special-token text"
+EMPTY_SYSTEM_TURN = "empty system turn removed"
+REASON_NOTES = {SPECIAL_TOKEN_TEXT: "rows holding special-token text are dropped, not escaped: fix them in the file"}
 
 
 class DataError(ValueError):
@@ -33,7 +43,11 @@ class DataError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What loading a dataset kept and dropped, and why."""
+    """What loading a dataset kept, changed and dropped, and why.
+
+    `dropped` and `problems` are about rows left out; `modified` and `changes` about rows kept with a change
+    (an empty system turn removed, say).
+    """
 
     source: str
     kind: str
@@ -41,6 +55,8 @@ class LoadReport:
     rows_usable: int = 0
     dropped: Counter = field(default_factory=Counter)
     problems: list[tuple[int, str]] = field(default_factory=list)
+    modified: Counter = field(default_factory=Counter)
+    changes: list[tuple[int, str]] = field(default_factory=list)
 
     def drop(self, line: int, reason: str, detail: str | None = None) -> None:
         """Count a dropped row under `reason`; keep `detail` (with the line number) as a problem to show."""
@@ -48,13 +64,26 @@ class LoadReport:
         if detail is not None:
             self.problems.append((line, detail))
 
-    def summary(self, max_problems: int = MAX_PROBLEMS_SHOWN) -> str:
-        """A readable report: counts, reasons, and the first problems with their line numbers."""
+    def modify(self, line: int, reason: str, detail: str) -> None:
+        """Count a row kept with a change under `reason`; keep `detail` (with the line number) to show."""
+        self.modified[reason] += 1
+        self.changes.append((line, detail))
+
+    def summary(self, max_problems: int | None = MAX_PROBLEMS_SHOWN) -> str:
+        """A readable report: counts, reasons, and the first problems and changes with their line numbers.
+
+        Args:
+            max_problems: how many problems (and, apart, how many changes) to show; None shows all.
+        """
         lines = [f"{self.source} ({self.kind}): {self.rows_read} rows read, {self.rows_usable} usable"]
         lines += [f"  dropped {n} × {reason}" for reason, n in self.dropped.most_common()]
-        lines += [f"  line {line}: {text}" for line, text in self.problems[:max_problems]]
-        if len(self.problems) > max_problems:
-            lines.append(f"  … and {len(self.problems) - max_problems} more problems")
+        lines += [f"  modified {n} × {reason} (rows kept)" for reason, n in self.modified.most_common()]
+        lines += [f"  note: {note}" for reason, note in REASON_NOTES.items() if reason in self.dropped]
+        for entries, what in ((self.problems, "problems"), (self.changes, "changes")):
+            shown = entries if max_problems is None else entries[:max_problems]
+            lines += [f"  line {line}: {text}" for line, text in shown]
+            if len(entries) > len(shown):
+                lines.append(f"  … and {len(entries) - len(shown)} more {what}")
         return "\n".join(lines)
 
 
@@ -188,11 +217,15 @@ def read_hub(source: str) -> list[tuple[int, Any]]:
 # --- checking one row ------------------------------------------------------------------------------------
 
 
-def to_messages(turns: Any, column: str) -> list[dict[str, str]]:
+def to_messages(turns: Any, column: str, changes: list[tuple[str, str]] | None = None) -> list[dict[str, str]]:
     """Messages `{role, content}` from ShareGPT (`from`/`value`) or OpenAI (`role`/`content`) turns.
 
+    An empty (or blank) system turn is left out, and `(EMPTY_SYSTEM_TURN, "'column' message i")` appended to
+    `changes` when given.
+
     Raises:
-        ValueError: the turns are not a non-empty list of known roles with non-empty text.
+        ValueError: the turns are not a non-empty list of known roles with non-empty text, or a text holds the
+            literal text of a special token.
     """
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"'{column}' must be a non-empty list of messages")
@@ -204,10 +237,32 @@ def to_messages(turns: Any, column: str) -> list[dict[str, str]]:
         content = turn.get("content", turn.get("value"))
         if not isinstance(role, str) or role not in ROLE_MAP:
             raise ValueError(f"'{column}' message {i} has unknown role {role!r} (known: {', '.join(ROLE_MAP)})")
+        role = ROLE_MAP[role]
+        if role == "system" and (content is None or (isinstance(content, str) and not content.strip())):
+            if changes is not None:
+                changes.append((EMPTY_SYSTEM_TURN, f"'{column}' message {i}"))
+            continue
         if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"'{column}' message {i} ({ROLE_MAP[role]}) is empty")
-        messages.append({"role": ROLE_MAP[role], "content": content})
+            raise ValueError(f"'{column}' message {i} ({role}) is empty")
+        token = find_special_token(content)
+        if token is not None:
+            raise ValueError(
+                f"'{column}' message {i} ({role}) contains the literal special token {token!r}: it would become a "
+                f"control token ({special_token_effect(token, role)}); remove or escape it"
+            )
+        messages.append({"role": role, "content": content})
+    if not messages:
+        raise ValueError(f"'{column}' is empty apart from empty system turns")
     return messages
+
+
+def special_token_effect(token: str, role: str) -> str:
+    """What a special token written inside a message would do to training, in words."""
+    if role == "assistant" and token in (EOT, EOM, END_OF_TEXT):
+        return "the model would learn to stop mid-answer"
+    if token in (START_HEADER, END_HEADER, EOT, EOM):
+        return "it would fake a turn boundary inside the message"
+    return "the model would read a control token where the text has characters"
 
 
 def check_conversation(messages: list[dict[str, str]], column: str) -> None:
@@ -218,30 +273,35 @@ def check_conversation(messages: list[dict[str, str]], column: str) -> None:
         raise ValueError(f"'{column}' has no user turn")
 
 
-def sft_example(record: dict) -> dict:
-    """A TRL conversational SFT example `{"messages": [...]}` from a FineTome-style row."""
+def sft_example(record: dict, changes: list[tuple[str, str]] | None = None) -> dict:
+    """A TRL conversational SFT example `{"messages": [...]}` from a FineTome-style row.
+
+    Changes made to keep the row (an empty system turn removed) are appended to `changes` when given.
+    """
     column = "conversations" if "conversations" in record else "messages"
     if column not in record:
         raise KeyError("missing column 'conversations' (ShareGPT from/value turns) or 'messages'")
-    messages = to_messages(record[column], column)
+    messages = to_messages(record[column], column, changes)
     check_conversation(messages, column)
     return {"messages": messages}
 
 
-def preference_example(record: dict) -> dict:
+def preference_example(record: dict, changes: list[tuple[str, str]] | None = None) -> dict:
     """A TRL conversational preference example `{"prompt", "chosen", "rejected"}` (all message lists).
 
     orpo-dpo-mix-40k stores whole conversations in `chosen`/`rejected`; the shared turns before the final
     assistant turn become the prompt. Its string `prompt` column is not passed on: TRL decides whether a dataset
     is conversational from one arbitrary column, and a string beside message lists makes that a coin toss.
+    Empty system turns leave `chosen` and `rejected` alike before the prompts are compared, and are appended to
+    `changes` when given.
     """
     for column in ("chosen", "rejected"):
         if column not in record:
             raise KeyError(f"missing column '{column}'")
-    chosen = to_messages(record["chosen"], "chosen")
-    rejected = to_messages(record["rejected"], "rejected")
+    chosen = to_messages(record["chosen"], "chosen", changes)
+    rejected = to_messages(record["rejected"], "rejected", changes)
     if isinstance(record.get("prompt"), list):  # explicit-prompt format: prompt messages + one answer each
-        prompt = to_messages(record["prompt"], "prompt")
+        prompt = to_messages(record["prompt"], "prompt", changes)
         chosen, rejected = prompt + chosen, prompt + rejected
     check_conversation(chosen, "chosen")
     check_conversation(rejected, "rejected")
@@ -267,12 +327,18 @@ def check_records(records: list[tuple[int, Any]], kind: str, report: LoadReport)
         if kind == "preference" and record.get("source") in TOXIC_SOURCES:
             report.drop(line, f"source {record['source']} (dropped as the dataset card asks)")
             continue
+        changes: list[tuple[str, str]] = []
         try:
-            examples.append(build(record))
+            examples.append(build(record, changes))
         except KeyError as e:
             report.drop(line, "missing column", e.args[0])
+            continue
         except ValueError as e:
             report.drop(line, reason_of(str(e)), str(e))
+            continue
+        for reason in dict.fromkeys(reason for reason, _ in changes):  # a row counts once per kind of change
+            places = ", ".join(place for r, place in changes if r == reason)
+            report.modify(line, reason, f"{reason}: {places}; the row is kept")
     report.rows_usable = len(examples)
     return examples
 
@@ -280,7 +346,8 @@ def check_records(records: list[tuple[int, Any]], kind: str, report: LoadReport)
 def reason_of(message: str) -> str:
     """A short reason to count drops under, from a row's problem message."""
     for key in (
-        "unknown role",
+        "unknown role",  # first: its message quotes the role it found, which could be any text
+        "literal special token",
         "is empty",
         "identical",
         "does not end with an assistant",
@@ -291,6 +358,7 @@ def reason_of(message: str) -> str:
     ):
         if key in message:
             return {
+                "literal special token": SPECIAL_TOKEN_TEXT,
                 "non-empty list": "not a list of messages",
                 "not an object": "malformed message",
                 "does not end with an assistant": "does not end with an assistant turn",
@@ -429,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a hub or file-system failure still gets a sentence, not a traceback
         print(f"error: could not read {args.source}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(report.summary(max_problems=len(report.problems)))
+    print(report.summary(max_problems=None))
     return 0
 
 

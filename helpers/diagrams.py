@@ -131,10 +131,15 @@ def draw_sft_pipeline(path: str | Path | None = None) -> Figure:
 
 
 def draw_rlhf_pipeline(path: str | Path | None = None) -> Figure:
-    """RLHF: fit a reward model on preference pairs, then PPO on sampled answers, KL-tied to the reference."""
+    """RLHF: fit a reward model on preference pairs, then PPO on sampled answers, KL-tied to the reference.
+
+    Four models take part in PPO: the policy, the frozen reference, the reward model and the value model (the
+    critic that estimates how much reward is still to come after each token, for PPO's advantages).
+    """
     boxes = {
         "pairs": Box(2.0, 5.0, "Preference pairs\n$(x, y_w, y_l)$", "data"),
         "rm": Box(6.5, 5.0, "Reward model $r_\\phi$\nfit with Bradley-Terry", "model"),
+        "value": Box(11.0, 5.0, "Value model $V_\\psi$ (critic)\ntrained with the policy", "model"),
         "sft": Box(2.0, 2.9, "SFT model\n$\\pi_{\\mathrm{SFT}}$", "model"),
         "policy": Box(6.5, 2.9, "Policy $\\pi_\\theta$\nsamples $y$ for prompt $x$", "model"),
         "ppo": Box(11.0, 2.9, "PPO: maximise\n$r_\\phi(x, y) - \\beta\\,\\mathrm{KL}$", "training"),
@@ -147,9 +152,11 @@ def draw_rlhf_pipeline(path: str | Path | None = None) -> Figure:
         Arrow("policy", "ppo", "sample $y$", offset=0.25),
         Arrow("ppo", "policy", "update $\\theta$", offset=-0.25, dashed=True),
         Arrow("rm", "ppo", "reward $r_\\phi(x, y)$"),
+        Arrow("value", "ppo", "advantages"),
         Arrow("ref", "ppo", "$\\log \\pi_{\\mathrm{ref}}(y|x)$"),
     ]
-    return _save(_draw(boxes, arrows, "RLHF: reward model, then PPO with a KL leash", (13.0, 6.0)), path)
+    title = "RLHF: reward model, then PPO with a KL leash (four models in memory)"
+    return _save(_draw(boxes, arrows, title, (13.0, 6.0)), path)
 
 
 def draw_dpo_pipeline(path: str | Path | None = None) -> Figure:
@@ -159,7 +166,7 @@ def draw_dpo_pipeline(path: str | Path | None = None) -> Figure:
         "sft": Box(2.0, 2.5, "SFT model\n$\\pi_{\\mathrm{SFT}}$", "model"),
         "policy": Box(6.5, 4.0, "Policy $\\pi_\\theta$\n(trained by the loss)", "model"),
         "ref": Box(6.5, 1.0, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of $\\pi_{\\mathrm{SFT}}$)", "frozen"),
-        "loss": Box(11.0, 2.5, "DPO loss\n$-\\log\\sigma(\\beta \\cdot \\mathrm{margin})$", "training"),
+        "loss": Box(11.0, 2.5, "DPO loss $-\\log\\sigma(\\beta\\, m)$\n$m$: log-ratio margin", "training"),
     }
     arrows = [
         Arrow("sft", "policy", "init"),
@@ -174,10 +181,11 @@ def draw_dpo_pipeline(path: str | Path | None = None) -> Figure:
 def plot_dpo_loss_vs_margin(
     betas: tuple[float, ...] | list[float], max_margin: float = 30.0, path: str | Path | None = None
 ) -> Figure:
-    """DPO loss, and how hard its gradient pushes, against the margin in log-ratio units, one curve per β.
+    """DPO loss, and how hard its gradient pushes, against the log-ratio margin m, one curve per β.
 
-    The margin is log π_θ(y_w|x)/π_ref(y_w|x) − log π_θ(y_l|x)/π_ref(y_l|x); the loss is `dpo_loss` on it and
-    the push is its derivative −d loss/d margin = β σ(−β · margin), taken by autograd.
+    m = log π_θ(y_w|x)/π_ref(y_w|x) − log π_θ(y_l|x)/π_ref(y_l|x) (nats, unscaled); the loss is `dpo_loss` on it and
+    the push is its derivative −d loss/dm = β σ(−β m), taken by autograd. The loss axis stops at 3 × log 2: training
+    starts at log 2 (m = 0) and should go down from there; the steep rise for m < 0 would only squash that region.
 
     Args:
         betas: the β values to draw.
@@ -198,13 +206,13 @@ def plot_dpo_loss_vs_margin(
         ax_loss.plot(x, losses.detach(), label=f"$\\beta$ = {beta:g}")
         ax_push.plot(x, push, label=f"$\\beta$ = {beta:g}")
     ax_loss.axhline(math.log(2), color="grey", linestyle=":", linewidth=1)
-    ax_loss.annotate("log 2 at margin 0", (0, math.log(2)), xytext=(6, 3), fontsize=9, arrowprops={"arrowstyle": "->"})
-    ax_loss.set_ylabel("DPO loss")
+    ax_loss.annotate("log 2 at m = 0", (0, math.log(2)), xytext=(6, 1.1), fontsize=9, arrowprops={"arrowstyle": "->"})
+    ax_loss.set(ylabel="DPO loss", ylim=(0, 3 * math.log(2)))
     ax_loss.set_title("Loss: larger $\\beta$, steeper and sooner flat", fontsize=11)
-    ax_push.set_ylabel("push on the margin, $\\beta\\,\\sigma(-\\beta \\cdot \\mathrm{margin})$")
-    ax_push.set_title("Gradient: fades once the margin exceeds a few $1/\\beta$", fontsize=11)
+    ax_push.set(ylabel="push on the margin, $\\beta\\,\\sigma(-\\beta\\, m)$", ylim=(0, 1.05 * max(betas)))
+    ax_push.set_title("Gradient: fades once $m$ exceeds a few $1/\\beta$", fontsize=11)
     for ax in (ax_loss, ax_push):
-        ax.set_xlabel("margin = chosen log-ratio $-$ rejected log-ratio (nats)")
+        ax.set_xlabel("log-ratio margin $m$ = chosen log-ratio $-$ rejected log-ratio (nats)")
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

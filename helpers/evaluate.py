@@ -6,14 +6,18 @@ DPO cost the memory of one model.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from trl.trainer.utils import use_adapter
 
+import helpers.backend  # noqa: F401  (Unsloth, when selected, patches trl first)
 from helpers.chat import EOT, stop_token_ids
+
+from trl.trainer.utils import use_adapter  # isort: skip  (after helpers.backend)
 
 
 def model_device(model: Any) -> torch.device:
@@ -79,6 +83,18 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     return (chosen_rewards > rejected_rewards).float().mean().item()
 
 
+@dataclass
+class Generations:
+    """Answers to a list of prompts: the texts, their length in tokens, and whether each ended by itself."""
+
+    texts: list[str]
+    num_tokens: list[int]
+    stopped: list[bool]  # True: the model ended the turn (<|eot_id|>); False: cut at max_new_tokens
+
+    def stopped_share(self) -> float:
+        return sum(self.stopped) / len(self.stopped)
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -91,18 +107,25 @@ def generate(
     batch_size: int = 16,
     adapter: str | None = "default",
     desc: str = "generating",
-) -> list[str]:
+) -> Generations:
     """Answers to chat `prompts`, greedy or sampled (seeded), with the given adapter (None = base model)."""
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    answers = []
+    stops = stop_token_ids(tokenizer)
+    texts, num_tokens, stopped = [], [], []
     with use_adapter(model, adapter):
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            texts = [
+        for start in tqdm(
+            range(0, len(prompts), batch_size),
+            desc=desc,
+            leave=False,
+            disable=len(prompts) <= batch_size,
+            mininterval=10,  # a few lines in an executed notebook, not one per batch
+        ):
+            rows = [
                 tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                 for p in prompts[start : start + batch_size]
             ]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model_device(model))
+            enc = tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt").to(model_device(model))
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -110,12 +133,26 @@ def generate(
                 temperature=temperature if sample else None,
                 top_p=None,
                 top_k=None,
-                eos_token_id=stop_token_ids(tokenizer),
+                eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                end = next((i for i, t in enumerate(row) if t in stops), None)
+                answer = row if end is None else row[:end]
+                texts.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+                num_tokens.append(len(answer))
+                stopped.append(end is not None)
     tokenizer.padding_side = "right"
-    return [a.strip() for a in answers]
+    return Generations(texts, num_tokens, stopped)
+
+
+def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple:
+    """A percentile bootstrap confidence interval for the mean of `values` (resampled with replacement)."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    tail = (1 - level) / 2
+    return means[int(tail * samples)], means[min(samples - 1, int((1 - tail) * samples))]
 
 
 def response_lengths(tokenizer: Any, responses: Sequence[str]) -> list[int]:

@@ -6,7 +6,10 @@ import os
 
 import psutil
 import torch
-from transformers import TrainerCallback
+
+import helpers.backend  # noqa: F401  (Unsloth, when selected, patches transformers first)
+
+from transformers import TrainerCallback  # isort: skip  (after helpers.backend)
 
 GIB = 1024**3
 
@@ -24,6 +27,12 @@ def memory_snapshot() -> dict[str, float]:
     return snapshot
 
 
+def reset_peak_memory() -> None:
+    """Start a new GPU peak: `gpu_peak_allocated_gib` then reports the peak since this call (no-op on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def format_memory(snapshot: dict[str, float]) -> str:
     """One line, e.g. 'cpu_rss 1.20 GiB | gpu_allocated 5.61 GiB | ...'."""
     return " | ".join(f"{k.removesuffix('_gib')} {v:.2f} GiB" for k, v in snapshot.items())
@@ -34,7 +43,12 @@ class MemoryCallback(TrainerCallback):
 
     It must run before W&B's own callback, or the readings are added after W&B has sent the log:
     `trainer.callback_handler.callbacks.insert(0, MemoryCallback())` (see `helpers.train.attach_callbacks`).
+    The GPU peak is reset when training begins, so each stage logs its own training peak, not that of an
+    evaluation or an earlier stage in the same process.
     """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        reset_peak_memory()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:

@@ -31,11 +31,11 @@ def is_gated(model_id: str) -> bool:
 
 def gpu_problems(profile: Profile, cuda_available: bool, bf16_supported: bool, gpu_name: str | None) -> list[str]:
     if not cuda_available:
-        if profile.name == "full":
+        if profile.name != "smoke":
             return [
-                "The full profile trains Llama-3.1-8B and needs a CUDA GPU with bf16 (A10G, L4, A100, H100 or "
-                "newer); torch sees none. On this machine run the smoke profile instead: TUTORIAL_PROFILE=smoke "
-                "(a tiny local model, minutes on a CPU)."
+                f"The {profile.name} profile trains Llama-3.1-8B and needs a CUDA GPU with bf16 (A10G, L4, A100, "
+                "H100 or newer); torch sees none. On this machine run the smoke profile instead: "
+                "TUTORIAL_PROFILE=smoke (a tiny local model, minutes on a CPU)."
             ]
         return []
     if not bf16_supported:

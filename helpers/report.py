@@ -6,9 +6,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from helpers.config import Profile
-
-MODEL_NAMES = ("base", "sft", "dpo")
+from helpers.config import MODELS, Profile
 
 
 def fmt(value) -> str:
@@ -18,14 +16,20 @@ def fmt(value) -> str:
 
 
 def eval_table(evaluation: dict) -> list[str]:
-    """A markdown table: one row per model, one column per measured quantity."""
-    columns = sorted({k for name in MODEL_NAMES for k in evaluation.get(name, {})})
+    """A markdown table: one row per model, one column per measured number (with its 95% interval when the
+    section holds one as `<name>_ci`)."""
+    rows = {name: evaluation[name] for name in MODELS if isinstance(evaluation.get(name), dict)}
+    columns = sorted({k for row in rows.values() for k, v in row.items() if isinstance(v, int | float)})
     if not columns:
         return []
+
+    def cell(row: dict, column: str) -> str:
+        interval = row.get(f"{column}_ci")
+        text = fmt(row.get(column))
+        return f"{text} [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else text
+
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name in MODEL_NAMES:
-        row = evaluation.get(name, {})
-        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    lines += [f"| {name} | " + " | ".join(cell(row, c) for c in columns) + " |" for name, row in rows.items()]
     return lines
 
 
@@ -37,7 +41,7 @@ def samples_section(samples_path: Path) -> list[str]:
     lines = ["## Answers side by side", ""]
     for i, prompt in enumerate(samples["prompts"]):
         lines += [f"**Prompt:** {prompt}", ""]
-        lines += [f"- *{name}*: {samples[name][i]!r}" for name in MODEL_NAMES if name in samples]
+        lines += [f"- *{name}*: {samples[name][i]!r}" for name in MODELS if name in samples]
         lines.append("")
     return lines
 
@@ -59,7 +63,7 @@ def write_report(profile: Profile) -> Path:
     evaluation = metrics.get("eval", {})
     if evaluation:
         lines += ["## Evaluation on held-out prompts", ""] + eval_table(evaluation) + [""]
-        lines += [f"- {k}: {fmt(v)}" for k, v in evaluation.items() if k not in MODEL_NAMES] + [""]
+        lines += [f"- {k}: {fmt(v)}" for k, v in evaluation.items() if k not in MODELS] + [""]
     lines += samples_section(out / "samples.json")
     plots = sorted(p.name for p in out.glob("*.png"))
     if plots:

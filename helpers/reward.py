@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+import helpers.backend  # noqa: F401  (Unsloth, when selected, patches transformers and trl first)
+from helpers.chat import END_OF_TEXT, EOT, PAD
+from helpers.checkpoints import KEY_FILE, is_current, key_text, save_atomically
 from helpers.config import Profile
 
 __all__ = [
-    "TOY_REWARD_SETTINGS",
+    "ensure_reward_model",
     "load_reward_model",
     "pair_accuracy",
     "score",
@@ -29,9 +32,6 @@ __all__ = [
     "train_toy_reward_model",
     "win_rate",
 ]
-
-# The smoke profile's toy reward model: 2 epochs of the toy pairs, under 100 steps (seconds on a CPU).
-TOY_REWARD_SETTINGS = dict(learning_rate=3e-4, num_train_epochs=2, per_device_train_batch_size=16, max_length=128)
 
 
 def toy_reward_model_dir(profile: Profile) -> Path:
@@ -48,6 +48,16 @@ def toy_tokenizer(profile: Profile) -> Any:
     return apply_llama31_template(AutoTokenizer.from_pretrained(profile.model_id))
 
 
+def ensure_reward_model(profile: Profile, train_pairs: Any = None) -> tuple[Any, Any]:
+    """The profile's reward model, in eval mode: the published one, or (smoke) the toy one, trained first on
+    `train_pairs` (the `reward-train` split, which DPO never sees) unless one with the same stage key is saved."""
+    if profile.reward_model_id is None and not is_current(toy_reward_model_dir(profile), profile, "reward"):
+        if train_pairs is None:
+            raise ValueError("No toy reward model for these settings: pass its training pairs to train one.")
+        return train_toy_reward_model(profile, train_pairs)
+    return load_reward_model(profile)
+
+
 def train_toy_reward_model(profile: Profile, train_pairs: Any, max_steps: int = -1) -> tuple[Any, Any]:
     """Train a tiny reward model with TRL's `RewardTrainer`; save it to `toy_reward_model_dir(profile)`.
 
@@ -58,7 +68,7 @@ def train_toy_reward_model(profile: Profile, train_pairs: Any, max_steps: int = 
         profile: the smoke profile (its base model and tokenizer are used).
         train_pairs: preference rows `{"prompt", "chosen", "rejected"}` (message lists): training pairs only,
             never the held-out ones the reward model will judge.
-        max_steps: stop after this many optimizer steps (-1: the epochs in `TOY_REWARD_SETTINGS`).
+        max_steps: stop after this many optimizer steps (-1: the epochs of `profile.reward`).
 
     Returns:
         The trained model (in eval mode) and its tokenizer.
@@ -66,8 +76,11 @@ def train_toy_reward_model(profile: Profile, train_pairs: Any, max_steps: int = 
     from transformers import LlamaForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    if profile.name != "smoke":
-        raise ValueError(f"The toy reward model is for the smoke profile's tiny base, not profile={profile.name!r}.")
+    if profile.reward_model_id is not None:
+        raise ValueError(
+            f"Profile {profile.name!r} judges with {profile.reward_model_id}; the toy reward model is "
+            "for the smoke profile's tiny base."
+        )
     tokenizer = toy_tokenizer(profile)
     torch.manual_seed(profile.seed)  # the scalar head starts random: seed it
     model = LlamaForSequenceClassification.from_pretrained(profile.model_id, num_labels=1, dtype=torch.float32)
@@ -84,13 +97,21 @@ def train_toy_reward_model(profile: Profile, train_pairs: Any, max_steps: int = 
         use_cpu=True,
         bf16=False,  # RewardConfig's default is True; a tiny fp32 model needs no mixed precision
         dataloader_num_workers=0,
-        **TOY_REWARD_SETTINGS,
+        learning_rate=profile.reward.learning_rate,
+        num_train_epochs=profile.reward.num_train_epochs,
+        per_device_train_batch_size=profile.reward.per_device_train_batch_size,
+        max_length=profile.reward.max_length,
     )
     trainer = RewardTrainer(model=model, args=config, train_dataset=train_pairs, processing_class=tokenizer)
     trainer.train()
     shutil.rmtree(checkpoints, ignore_errors=True)
-    model.save_pretrained(toy_reward_model_dir(profile))
-    tokenizer.save_pretrained(toy_reward_model_dir(profile))
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / KEY_FILE).write_text(key_text(profile, "reward"))
+
+    save_atomically(toy_reward_model_dir(profile), write)
     return model.eval(), tokenizer
 
 
@@ -108,8 +129,6 @@ def load_reward_model(profile: Profile) -> tuple[Any, Any]:
     from helpers.model import device, hub_token
 
     if profile.reward_model_id is None:
-        if profile.name != "smoke":
-            raise ValueError("This profile names no reward model: set TUTORIAL_REWARD_MODEL_ID to a hub id.")
         folder = toy_reward_model_dir(profile)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"No toy reward model in {folder}: train it with train_toy_reward_model first.")
@@ -120,7 +139,27 @@ def load_reward_model(profile: Profile) -> tuple[Any, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(
         profile.reward_model_id, dtype=torch.bfloat16, device_map={"": device()}, token=token
     )
+    use_neutral_padding(model, tokenizer)
     return model.eval(), tokenizer
+
+
+def use_neutral_padding(model: Any, tokenizer: Any) -> str:
+    """Pad with a token that never ends a conversation; return it.
+
+    The head scores the last token that is not padding. With `<|eot_id|>` or end-of-text as the padding token,
+    the `<|eot_id|>` that closes the answer counts as padding, and the score moves to the token before it (as
+    trained, the reward model read the closing token). Llama 3's `<|finetune_right_pad_id|>` is neutral.
+
+    Raises:
+        ValueError: the padding token is an end token and the vocabulary has no neutral one.
+    """
+    ends = {tokenizer.eos_token, EOT, END_OF_TEXT}
+    if tokenizer.pad_token is None or tokenizer.pad_token in ends:
+        if PAD not in tokenizer.get_vocab():
+            raise ValueError(f"The reward model pads with {tokenizer.pad_token!r}, an end token, and has no {PAD}.")
+        tokenizer.pad_token = PAD
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.pad_token
 
 
 @torch.no_grad()
@@ -166,24 +205,52 @@ def score(
     return rewards
 
 
-def pair_accuracy(model: Any, tokenizer: Any, pairs: Any) -> float:
-    """Share of preference pairs whose chosen answer the reward model scores strictly higher than the rejected one.
+def pair_scores(model: Any, tokenizer: Any, pairs: Sequence[dict]) -> tuple[list[float], list[float]]:
+    """Reward-model scores of the chosen and of the rejected answer of each preference pair.
 
     Args:
         pairs: rows with `prompt`, `chosen`, `rejected` message lists (the answer is the last message).
     """
-    prompts = list(pairs["prompt"])
-    chosen = score(model, tokenizer, prompts, [m[-1]["content"] for m in pairs["chosen"]])
-    rejected = score(model, tokenizer, prompts, [m[-1]["content"] for m in pairs["rejected"]])
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(prompts)
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score(model, tokenizer, prompts, [p["chosen"][-1]["content"] for p in pairs])
+    rejected = score(model, tokenizer, prompts, [p["rejected"][-1]["content"] for p in pairs])
+    return chosen, rejected
+
+
+def pair_accuracy(model: Any, tokenizer: Any, pairs: Sequence[dict]) -> float:
+    """Share of preference pairs whose chosen answer the reward model scores strictly higher than the rejected."""
+    chosen, rejected = pair_scores(model, tokenizer, pairs)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+
+
+def judge_report(model: Any, tokenizer: Any, pairs: Sequence[dict], by_style: bool) -> dict:
+    """How good the judge is on held-out pairs: its accuracy, and with `by_style` (the smoke task) its accuracy
+    by the kind of rejected answer ('verbose', or 'concise' = concise but wrong), where its blind spots show."""
+    chosen, rejected = pair_scores(model, tokenizer, pairs)
+    right = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    report = {"accuracy": sum(right) / len(right), "pairs": len(right)}
+    if by_style:
+        from helpers.smoke import answer_style
+
+        kinds = [answer_style(p["rejected"][-1]["content"]) for p in pairs]
+        report["accuracy_by_rejected_style"] = {
+            kind: sum(r for r, k in zip(right, kinds, strict=True) if k == kind) / kinds.count(kind)
+            for kind in sorted(set(kinds))
+        }
+    return report
+
+
+def wins(a_scores: Sequence[float], b_scores: Sequence[float]) -> list[float]:
+    """Answer by answer: 1 where `a` scores higher than `b`, 0.5 for a tie, 0 where it scores lower."""
+    if len(a_scores) != len(b_scores) or not a_scores:
+        raise ValueError(f"wins needs two equally long, non-empty lists (got {len(a_scores)} and {len(b_scores)}).")
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(a_scores, b_scores, strict=True)]
 
 
 def win_rate(a_scores: Sequence[float], b_scores: Sequence[float]) -> float:
     """Share of paired answers where `a` scores higher than `b` (a tie counts half)."""
-    if len(a_scores) != len(b_scores) or not a_scores:
-        raise ValueError(f"win_rate needs two equally long, non-empty lists (got {len(a_scores)} and {len(b_scores)}).")
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(a_scores, b_scores, strict=True))
-    return wins / len(a_scores)
+    result = wins(a_scores, b_scores)
+    return sum(result) / len(result)
 
 
 def summarize(scores: dict[str, Sequence[float]], baseline: str = "sft") -> dict[str, dict[str, float]]:

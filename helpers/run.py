@@ -2,25 +2,30 @@
 
     python -m helpers.run            # or: make run
 
-Settings come from TUTORIAL_PROFILE / TUTORIAL_BACKEND / TUTORIAL_SEED (see helpers.config). Executed notebooks
+Settings come from the `TUTORIAL_*` variables (README's table; `helpers.environment`). Executed notebooks
 go to `outputs/<profile>/notebooks/`, the numbers to `outputs/<profile>/metrics.json` and `report.md`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from helpers.config import PROJECT_ROOT, Profile, load_profile
+from helpers.config import PROJECT_ROOT, Profile
+from helpers.environment import load_profile
 from helpers.preflight import check_environment
 from helpers.report import write_report
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3 * 3600  # a full-profile training cell runs for hours
+MAX_NOISE_LINES = 50  # progress bars and warnings an executed notebook may show in all
+NOISE = re.compile(r"\d+%\||it/s|s/it|examples/s|Warning|warn\(")
 
 
 def series() -> list[Path]:
@@ -53,9 +58,26 @@ def execute_notebook(path: Path, out_dir: Path) -> Path:
     return executed
 
 
+def noise_lines(notebook: dict) -> list[str]:
+    """The lines of progress bars and warnings in an executed notebook's outputs (stderr, or text that looks so)."""
+    lines = []
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            text = output.get("text", "")
+            text = "".join(text) if isinstance(text, list) else text
+            noisy = output.get("name") == "stderr"
+            lines += [line for line in text.replace("\r", "\n").splitlines() if line and (noisy or NOISE.search(line))]
+    return lines
+
+
 def pin_settings(profile: Profile) -> None:
-    """Make every notebook kernel resolve the same profile, backend and seed as this process."""
-    os.environ.update(TUTORIAL_PROFILE=profile.name, TUTORIAL_BACKEND=profile.backend, TUTORIAL_SEED=str(profile.seed))
+    """Make every notebook kernel resolve the same profile, backend, seed and outputs folder as this process."""
+    os.environ.update(
+        TUTORIAL_PROFILE=profile.name,
+        TUTORIAL_BACKEND=profile.backend,
+        TUTORIAL_SEED=str(profile.seed),
+        TUTORIAL_OUTPUTS=profile.outputs_root,
+    )
 
 
 def main() -> int:
@@ -76,7 +98,12 @@ def main() -> int:
         except CellExecutionError as e:
             print(f"\n{path.name} failed; the executed copy is in {out_dir / path.name}.\n{e}", file=sys.stderr)
             return 1
-        progress.write(f"{path.name}: done in {time.perf_counter() - start:.0f} s")
+        noise = noise_lines(json.loads((out_dir / path.name).read_text()))
+        progress.write(f"{path.name}: done in {time.perf_counter() - start:.0f} s, {len(noise)} lines of noise")
+        if len(noise) > MAX_NOISE_LINES:
+            print(f"{path.name}: more than {MAX_NOISE_LINES} lines of progress bars or warnings:", file=sys.stderr)
+            print("\n".join(noise[:20]), file=sys.stderr)
+            return 1
     report = write_report(profile)
     print(f"Executed notebooks: {out_dir}\nReport: {report}\nMetrics: {profile.output_dir / 'metrics.json'}")
     return 0
