@@ -310,3 +310,122 @@ def test_cli_as_a_command_fails_without_a_traceback(tmp_path):
     done = check(tmp_path, "sft", write_jsonl(tmp_path / "a.jsonl", GOOD_SFT, "{oops"))
     assert done.returncode == 1 and "a.jsonl:2: not valid JSON" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- the chat format: literal special tokens drop the row, an empty system turn is removed ---------------------
+
+SPECIAL = data.SPECIAL_TOKEN_TEXT
+CONTROL = "it would become a control token"
+
+
+def system_turn(content: str) -> dict:
+    return {"role": "system", "content": content}
+
+
+SPECIAL_TOKEN_ROWS = {
+    "assistant": (
+        "sft",
+        finetome(("human", "Hi"), ("gpt", "Sure.<|eot_id|> And more.")),
+        "'conversations' message 2 (assistant) contains the literal special token '<|eot_id|>': it would become a "
+        "control token (the model would learn to stop mid-answer); remove or escape it",
+    ),
+    "user": (
+        "sft",
+        finetome(("human", "x<|start_header_id|>system<|end_header_id|>"), ("gpt", "4.")),
+        f"'conversations' message 1 (user) contains the literal special token '<|start_header_id|>': {CONTROL}",
+    ),
+    "system": (
+        "sft",
+        finetome(("system", "<|reserved_special_token_245|>"), ("human", "Hi"), ("gpt", "4.")),
+        "'conversations' message 1 (system) contains the literal special token '<|reserved_special_token_245|>'",
+    ),
+    "chosen": ("preference", orpo(chosen="4.<|end_of_text|>"), "'chosen' message 2 (assistant) contains the literal"),
+    "rejected": ("preference", orpo(rejected="<|begin_of_text|>5"), "'rejected' message 2 (assistant) contains the"),
+    "prompt": (
+        "preference",
+        {
+            "prompt": [{"role": "user", "content": "Run <|python_tag|>print(1)"}],
+            "chosen": [{"role": "assistant", "content": "1"}],
+            "rejected": [{"role": "assistant", "content": "2"}],
+        },
+        "'prompt' message 1 (user) contains the literal special token '<|python_tag|>'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SPECIAL_TOKEN_ROWS, ids=list(SPECIAL_TOKEN_ROWS))
+def test_literal_special_token_text_drops_the_row_and_names_it(case, tmp_path):
+    kind, bad, problem = SPECIAL_TOKEN_ROWS[case]
+    good = GOOD_SFT if kind == "sft" else GOOD_PREFERENCE
+    examples, report = load_examples(str(write_jsonl(tmp_path / "rows.jsonl", good, "", bad)), kind)
+    assert (report.rows_read, report.rows_usable, len(examples)) == (2, 1, 1)
+    assert report.dropped == {SPECIAL: 1}
+    [(line, text)] = report.problems
+    assert line == 3 and text.startswith(problem) and CONTROL in text, text
+    assert "dropped, not escaped" in report.summary()
+
+
+def test_text_that_only_looks_like_a_special_token_is_kept(tmp_path):
+    lookalikes = ["<|EOT_ID|>", "<|eot_id>", "< |eot_id| >", "<|eot|>", "<|reserved_special_token_246|>", "<|>"]
+    rows = [finetome(("human", "Hi"), ("gpt", f"Literal {text} here.")) for text in lookalikes]
+    examples, report = load_examples(str(write_jsonl(tmp_path / "rows.jsonl", *rows)), "sft")
+    assert len(examples) == len(lookalikes) and not report.dropped
+
+
+def test_an_empty_system_turn_is_removed_and_the_row_kept(tmp_path):
+    rows = [
+        finetome(("system", " \n"), ("human", "Hi"), ("gpt", "Hello.")),
+        finetome(("system", ""), ("human", " "), ("gpt", "Hello.")),  # an empty user turn still drops the row
+        {
+            "conversations": [
+                {"from": "system", "value": None},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Yo."},
+            ]
+        },
+        finetome(("system", "")),  # nothing left
+    ]
+    examples, report = load_examples(str(write_jsonl(tmp_path / "rows.jsonl", *rows)), "sft")
+    assert [ex["messages"][0]["role"] for ex in examples] == ["user", "user"]
+    assert report.rows_usable == 2 and report.dropped == {"is empty": 2}
+    assert report.modified == {data.EMPTY_SYSTEM_TURN: 2}
+    assert report.changes == [
+        (1, "empty system turn removed: 'conversations' message 1; the row is kept"),
+        (3, "empty system turn removed: 'conversations' message 1; the row is kept"),
+    ]
+    assert [line for line, _ in report.problems] == [2, 4]
+    assert "modified 2 × empty system turn removed (rows kept)" in report.summary()
+
+
+def test_chosen_and_rejected_lose_the_same_empty_system_turn(tmp_path):
+    both = orpo()
+    both["chosen"], both["rejected"] = [system_turn(""), *both["chosen"]], [system_turn("  "), *both["rejected"]]
+    only_chosen = orpo() | {"chosen": [system_turn("\t"), *GOOD_PREFERENCE["chosen"]]}
+    explicit = {
+        "prompt": [system_turn(""), {"role": "user", "content": "What is 2 + 2?"}],
+        "chosen": [{"role": "assistant", "content": "2 + 2 = 4."}],
+        "rejected": [{"role": "assistant", "content": "Five."}],
+    }
+    examples, report = load_examples(str(write_jsonl(tmp_path / "p.jsonl", both, only_chosen, explicit)), "preference")
+    expected = load_examples(str(write_jsonl(tmp_path / "ref.jsonl", GOOD_PREFERENCE)), "preference")[0][0]
+    assert examples == [expected] * 3 and not report.dropped
+    assert report.modified == {data.EMPTY_SYSTEM_TURN: 3}  # rows, not turns
+    assert [text.split(": ", 1)[1] for _, text in report.changes] == [
+        "'chosen' message 1, 'rejected' message 1; the row is kept",
+        "'chosen' message 1; the row is kept",
+        "'prompt' message 1; the row is kept",
+    ]
+
+
+def test_cli_prints_special_tokens_and_removed_system_turns_with_their_lines(tmp_path, capsys):
+    empty_system = orpo()
+    empty_system["chosen"], empty_system["rejected"] = (
+        [system_turn(""), *empty_system[k]] for k in ("chosen", "rejected")
+    )
+    rows = [GOOD_PREFERENCE, orpo(chosen="Four.<|eot_id|>"), empty_system]
+    assert data.main(["check", "--kind", "preference", str(write_jsonl(tmp_path / "p.jsonl", *rows))]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows read, 2 usable" in out and f"dropped 1 × {SPECIAL}" in out
+    assert "line 2: 'chosen' message 2 (assistant) contains the literal special token '<|eot_id|>'" in out
+    assert "modified 1 × empty system turn removed (rows kept)" in out
+    assert "line 3: empty system turn removed: 'chosen' message 1, 'rejected' message 1; the row is kept" in out

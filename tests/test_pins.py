@@ -12,6 +12,7 @@ from helpers.config import PROJECT_ROOT
 
 PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!*-]+)")
 MAKEFILE_PIN_VARIABLES = ("UNSLOTH_CPU", "UNSLOTH_CPU_NEEDS")
+TEST_ONLY_PACKAGES = ("llama-models", "tiktoken")  # Meta's tokenizer for tests/test_llama3_tokenizer.py
 
 
 def normalize(name: str) -> str:
@@ -50,11 +51,11 @@ def pyproject_pins() -> list[tuple[str, str]]:
 
 
 def makefile_pins() -> list[tuple[str, str]]:
-    """Pins in the Makefile's UNSLOTH_CPU and UNSLOTH_CPU_NEEDS variables (continuation lines joined)."""
+    """Pins anywhere in the Makefile: its UNSLOTH_CPU and UNSLOTH_CPU_NEEDS variables and its install lines."""
     text = (PROJECT_ROOT / "Makefile").read_text().replace("\\\n", " ")
     lines = [line for line in text.splitlines() if line.split(":=")[0].strip() in MAKEFILE_PIN_VARIABLES]
     assert len(lines) == len(MAKEFILE_PIN_VARIABLES), f"Makefile: expected {MAKEFILE_PIN_VARIABLES} once each"
-    return [match.groups() for line in lines for match in PIN.finditer(line.split(":=", 1)[1])]
+    return [match.groups() for line in text.splitlines() if not line.startswith("#") for match in PIN.finditer(line)]
 
 
 def setup_script_pins() -> list[tuple[str, str]]:
@@ -83,6 +84,13 @@ def test_environment_pins_the_core_stack():
     pins = environment_pins()
     for name in ("torch", "transformers", "trl", "peft", "unsloth", "unsloth-zoo", "jupyterlab"):
         assert name in pins, f"environment.yml does not pin {name}"
+
+
+def test_makefile_installs_the_test_only_packages_at_the_pinned_versions():
+    env, pins = environment_pins(), {normalize(name): version for name, version in makefile_pins()}
+    for name in TEST_ONLY_PACKAGES:
+        assert name in env, f"environment.yml does not pin {name}"
+        assert pins.get(name) == env[name], f"the Makefile does not install {name}=={env[name]}"
 
 
 @pytest.mark.parametrize("source", SOURCES)

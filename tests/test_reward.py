@@ -1,7 +1,7 @@
 """Reward models: scoring is batch-independent, win rates count ties half, and the toy reward model learns the toy
 preference well enough to judge held-out pairs it never saw."""
 
-from dataclasses import replace
+import math
 
 import pytest
 import torch
@@ -65,13 +65,15 @@ def test_score_needs_one_response_per_prompt(untrained_reward_model):
         reward.score(*untrained_reward_model, ["a", "b"], ["only one"])
 
 
+@pytest.mark.slow
 def test_toy_reward_model_ranks_held_out_pairs(tmp_profile):
-    pairs = pipeline.preference_splits(tmp_profile, reward.toy_tokenizer(tmp_profile))
-    model, tokenizer = reward.train_toy_reward_model(tmp_profile, pairs.train, max_steps=43)  # one epoch
+    pairs = pipeline.preference_data(tmp_profile, reward.toy_tokenizer(tmp_profile))
+    one_epoch = math.ceil(len(pairs.reward) / tmp_profile.reward.per_device_train_batch_size)
+    model, tokenizer = reward.train_toy_reward_model(tmp_profile, pairs.reward, max_steps=one_epoch)
     accuracy = reward.pair_accuracy(model, tokenizer, pairs.eval)
-    # 70% of the rejected answers are verbose (easy); 30% are concise but wrong, hard for so small a model.
-    assert accuracy >= 0.8, accuracy
-    loaded, loaded_tokenizer = reward.load_reward_model(tmp_profile)  # the saved copy scores the same
+    # Most rejected answers are verbose (easy); the others are concise but wrong, hard for so small a model.
+    assert accuracy >= tmp_profile.expect.reward_model_accuracy_min, accuracy
+    loaded, loaded_tokenizer = reward.ensure_reward_model(tmp_profile)  # the saved copy, current: not retrained
     some = pairs.eval.select(range(8))
     answers = [m[-1]["content"] for m in some["chosen"]]
     assert reward.score(loaded, loaded_tokenizer, some["prompt"], answers) == pytest.approx(
@@ -79,13 +81,31 @@ def test_toy_reward_model_ranks_held_out_pairs(tmp_profile):
     )
 
 
-def test_load_reward_model_says_what_is_missing(tmp_profile):
+def test_judge_report_gives_accuracy_by_kind_of_rejected_answer(untrained_reward_model):
+    model, tokenizer = untrained_reward_model
+    user = [{"role": "user", "content": "What is 3 + 4?"}]
+    answers = ["Answer: 7.", "Answer: 8.", "Let me think about this step by step. So the answer is 7."]
+    pairs = [
+        {"prompt": user, "chosen": [{"role": "assistant", "content": answers[0]}], "rejected": [rejected]}
+        for rejected in ({"role": "assistant", "content": answers[1]}, {"role": "assistant", "content": answers[2]})
+    ]
+    chosen, rejected = reward.pair_scores(model, tokenizer, pairs)
+    report = reward.judge_report(model, tokenizer, pairs, by_style=True)
+    right = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    assert report == {
+        "accuracy": sum(right) / 2,
+        "pairs": 2,
+        "accuracy_by_rejected_style": {"concise": float(right[0]), "verbose": float(right[1])},
+    }
+
+
+def test_without_a_toy_reward_model_it_asks_for_its_training_pairs(tmp_profile):
     with pytest.raises(FileNotFoundError, match="train_toy_reward_model"):
         reward.load_reward_model(tmp_profile)
-    with pytest.raises(ValueError, match="TUTORIAL_REWARD_MODEL_ID"):
-        reward.load_reward_model(replace(full_profile(), reward_model_id=None))
+    with pytest.raises(ValueError, match="pass its training pairs"):
+        reward.ensure_reward_model(tmp_profile)
 
 
 def test_toy_reward_model_is_for_the_smoke_profile_only():
-    with pytest.raises(ValueError, match="smoke profile"):
+    with pytest.raises(ValueError, match="the toy reward model is for the smoke profile"):
         reward.train_toy_reward_model(full_profile(), train_pairs=None)

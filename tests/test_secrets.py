@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import tracking
-from helpers.config import PROJECT_ROOT
+from helpers.checkpoints import KEY_FILE
+from helpers.config import PROJECT_ROOT, cache_root
 from helpers.run import series
 
 # Fresh per session, so nothing written by an earlier run (or another test) can match by accident.
@@ -56,6 +57,8 @@ def test_no_real_token_is_committed():
     files = [
         *(PROJECT_ROOT / "notebooks").glob("*.ipynb"),
         *(PROJECT_ROOT / "helpers").glob("*.py"),
+        *(PROJECT_ROOT / "benchmarks").rglob("*.py"),
+        *(PROJECT_ROOT / "deploy").rglob("*"),
         *(PROJECT_ROOT / "docs").glob("*"),
         *PROJECT_ROOT.glob("*.md"),
         *PROJECT_ROOT.glob("*.y*ml"),
@@ -71,7 +74,7 @@ def reuse_session_checkpoints(session_outputs, outputs) -> None:
     a second full training; every notebook still runs, loads, evaluates and writes with the tokens set.
     """
     finished = session_outputs / "smoke"
-    if (finished / "dpo-adapter" / "settings.json").exists():
+    if (finished / "dpo-adapter" / KEY_FILE).exists():  # stage keys do not depend on the folder: reused as is
         shutil.copytree(finished, outputs / "smoke", ignore=shutil.ignore_patterns("notebooks", "wandb"))
 
 
@@ -85,7 +88,7 @@ def test_smoke_series_never_prints_or_writes_a_token(smoke_world, session_output
         "HF_HUB_OFFLINE": "1",  # the smoke profile needs no hub; a fake token must not be sent anywhere
         "TUTORIAL_PROFILE": "smoke",
         "TUTORIAL_OUTPUTS": str(outputs),
-        "TUTORIAL_CACHE": str(smoke_world.parents[1]),
+        "TUTORIAL_CACHE": str(cache_root()),
         "HOME": str(home),  # so whatever a library keeps in the home folder is searched too
         "WANDB_DIR": str(tmp_path / "wandb"),
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),

@@ -7,6 +7,7 @@ from helpers.data import load_preference_dataset, load_sft_dataset
 from helpers.smoke import (
     TOXIC_SOURCE,
     Sum,
+    answer_style,
     build_smoke_world,
     is_better_answer,
     preference_rows,
@@ -16,11 +17,17 @@ from helpers.smoke import (
 
 def test_judge_prefers_concise_and_correct_answers():
     item = Sum(3, 4, 0)
-    assert is_better_answer(item.prompt, "3 + 4 = 7.")
+    assert is_better_answer(item.prompt, item.concise) and is_better_answer(item.prompt, " Answer: 7.\n")
     assert not is_better_answer(item.prompt, item.verbose)
-    assert not is_better_answer(item.prompt, "3 + 4 = 8.")
-    assert not is_better_answer(item.prompt, "2 + 5 = 7.")  # right sum, wrong question
-    assert not is_better_answer("Tell me a joke.", "3 + 4 = 7.")
+    assert not is_better_answer(item.prompt, "Answer: 8.")
+    assert not is_better_answer(Sum(2, 6, 0).prompt, item.concise)  # the answer to another question
+    assert not is_better_answer("Tell me a joke.", item.concise)
+    assert [answer_style(a) for a in (item.concise, "Answer: 8.", item.verbose, "7")] == [
+        "concise",
+        "concise",
+        "verbose",
+        "other",
+    ]
 
 
 def test_rows_follow_the_real_schemas():
@@ -38,8 +45,8 @@ def test_data_depends_on_the_seed_alone():
     assert preference_rows(random.Random(5)) == preference_rows(random.Random(5))
 
 
-def test_world_is_cached_and_read_by_the_real_loader(smoke_world):
-    assert build_smoke_world(42) == smoke_world and (smoke_world / "DONE").exists()
+def test_world_is_cached_and_read_by_the_real_loader(smoke_world, smoke_seed):
+    assert build_smoke_world(smoke_seed) == smoke_world and (smoke_world / "DONE").exists()
     assert not smoke_world.with_name(smoke_world.name + ".partial").exists()
     sft, report = load_sft_dataset(str(smoke_world / "finetome-smoke.jsonl"))
     assert report.rows_usable == len(sft) == report.rows_read
@@ -63,11 +70,17 @@ def test_tokenizer_renders_the_llama31_format(smoke_world):
     assert tokenizer.pad_token == "<|finetune_right_pad_id|>" != tokenizer.eos_token
 
 
-def test_base_model_completes_text_but_not_chat(smoke_world):
+def test_base_model_knows_the_sums(smoke_world):
+    """Pretraining taught the facts (`3 plus 4 is 7.`): SFT and DPO only teach the format and the style."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smoke_world / "base-model")
+    tokenizer = AutoTokenizer.from_pretrained(smoke_world / "base-model", padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(smoke_world / "base-model")
-    enc = tokenizer("3 plus 4 is", return_tensors="pt")
+    sums = [(a, b) for a in range(10) for b in range(10)]
+    # Every pretraining text starts with BOS, as a real base model's documents do: so does each question here.
+    prompts = [f"{tokenizer.bos_token}{a} plus {b} is" for a, b in sums]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert tokenizer.decode(out[0, enc.input_ids.shape[1] :]).strip().startswith("7")
+    answers = [t.split()[0] if t.split() else "" for t in tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :])]
+    wrong = [f"{a} plus {b} is {t}" for (a, b), t in zip(sums, answers, strict=True) if t.rstrip(".") != str(a + b)]
+    assert len(wrong) <= 5, f"the base model gets {len(wrong)} of 100 sums wrong, e.g. {wrong[:5]}"

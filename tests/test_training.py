@@ -2,27 +2,27 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from dataclasses import replace
 
 import pytest
-import torch
 from datasets import Dataset
 
-from helpers import pipeline, train
+from helpers import checks, pipeline, train
+from helpers.checkpoints import is_current
+from helpers.config import smoke_profile
+from helpers.evaluate import implicit_rewards
+from helpers.metrics import read_metrics
 from helpers.model import load_for_training
-from helpers.smoke import is_better_answer
 
 
-def short(profile, sft_steps=20, dpo_steps=6):
-    """The profile with few steps: enough to move the weights, quick on a CPU."""
-    return replace(
-        profile,
-        sft=replace(profile.sft, max_steps=sft_steps, logging_steps=5, save_steps=1000),
-        dpo=replace(profile.dpo, max_steps=dpo_steps, logging_steps=2, save_steps=1000),
-    )
+def few_steps(profile, stage: str, steps: int):
+    """The profile with `stage` cut to `steps` steps: enough to move the weights, quick on a CPU."""
+    settings = replace(getattr(profile, stage), max_steps=steps, logging_steps=2, save_steps=1000)
+    return replace(profile, **{stage: settings})
 
 
 def test_sft_loss_sees_exactly_the_assistant_turns(tmp_profile):
@@ -30,32 +30,39 @@ def test_sft_loss_sees_exactly_the_assistant_turns(tmp_profile):
     messages = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "2 + 2 = 4."},
+        {"role": "assistant", "content": "Answer: 4."},
         {"role": "user", "content": "Add 1 and 3."},
         {"role": "assistant", "content": "Let me think. So the answer is 4."},
     ]
     trainer = train.make_sft_trainer(tmp_profile, model, tokenizer, Dataset.from_list([{"messages": messages}]))
     spans = train.loss_token_spans(trainer.train_dataset[0], tokenizer)
-    assert spans == ["2 + 2 = 4.<|eot_id|>", "Let me think. So the answer is 4.<|eot_id|>"]
+    assert spans == ["Answer: 4.<|eot_id|>", "Let me think. So the answer is 4.<|eot_id|>"]
 
 
-def test_dpo_reference_is_the_sft_model(tmp_profile):
-    profile = short(tmp_profile)
-    pipeline.run_sft(profile)
-    model, tokenizer = load_for_training(profile, profile.dpo.max_length, adapter_dir=profile.sft_adapter_dir)
-    splits = pipeline.preference_splits(profile, tokenizer)
-    trainer = train.make_dpo_trainer(profile, model, tokenizer, splits.train, splits.eval.select(range(16)))
-    assert set(trainer.model.peft_config) == {"default", "ref"}
-    chosen, rejected = pipeline.step0_rewards(trainer, tokenizer, splits.eval.select(range(16)), profile.dpo.beta)
-    assert torch.count_nonzero(chosen) == torch.count_nonzero(rejected) == 0  # exactly, not approximately
+@pytest.fixture
+def with_sft_adapter(tmp_profile, session_outputs):
+    """A profile with 6 DPO steps whose SFT adapter exists: the notebooks' (copied from this session's outputs:
+    a stage key does not depend on the folder), or else one of 20 steps, trained here by `build_dpo`."""
+    session = session_outputs / tmp_profile.name / "sft-adapter"
+    if is_current(session, tmp_profile, "sft"):
+        shutil.copytree(session, tmp_profile.sft_adapter_dir)
+        return few_steps(tmp_profile, "dpo", 6)
+    return few_steps(few_steps(tmp_profile, "sft", 20), "dpo", 6)
+
+
+@pytest.mark.slow
+def test_dpo_reference_is_the_sft_model(with_sft_adapter):
+    stage = pipeline.build_dpo(with_sft_adapter)
+    assert set(stage.model.peft_config) == {"default", "ref"}
+    assert pipeline.measure_dpo_start(stage)["step0_reward_abs_max"] == 0.0  # exactly, not approximately
+    pairs = stage.data.eval.select(range(16))
     # …and the reference is the SFT model, not the base: the SFT adapter changed the log-probs.
-    from helpers.evaluate import implicit_rewards
-
-    sft_vs_base, _ = implicit_rewards(trainer.model, tokenizer, splits.eval.select(range(16)), 1.0, "ref", None)
+    sft_vs_base, _ = implicit_rewards(stage.model, stage.tokenizer, pairs, 1.0, "ref", None)
     assert sft_vs_base.abs().max() > 1.0
-    train.run_training(trainer, resume=False)
-    chosen, rejected = pipeline.step0_rewards(trainer, tokenizer, splits.eval.select(range(16)), profile.dpo.beta)
+    pipeline.train_and_save(stage, resume=False)
+    chosen, rejected = implicit_rewards(stage.model, stage.tokenizer, pairs, stage.profile.dpo.beta, "default", "ref")
     assert (chosen - rejected).mean() > 0  # a few steps already move the rewards the right way
+    assert is_current(stage.adapter_dir, stage.profile, "dpo")
 
 
 def test_length_bucket_sampler_groups_lengths_and_shuffles_batches():
@@ -72,15 +79,27 @@ def test_length_bucket_sampler_groups_lengths_and_shuffles_batches():
     assert len(epochs) > 1  # the batch order changes from epoch to epoch
 
 
+def test_common_args_come_from_the_stage_settings(tmp_profile):
+    args = train.common_args(tmp_profile, "dpo")
+    s = tmp_profile.dpo
+    assert (args["learning_rate"], args["per_device_train_batch_size"], args["max_steps"]) == (
+        s.learning_rate,
+        s.per_device_train_batch_size,
+        s.max_steps,
+    )
+    assert args["seed"] == args["data_seed"] == tmp_profile.seed
+    assert args["output_dir"] == str(train.checkpoint_dir(tmp_profile, "dpo"))
+    assert args["optim"] == "adamw_torch" and not args["bf16"]  # on a CPU
+    assert args["report_to"] == []  # W&B disabled in the tests
+
+
 UNSLOTH_SCRIPT = textwrap.dedent(
     """
-    import json
-    from dataclasses import replace
-    from helpers.config import load_profile
+    import json, warnings
+    warnings.filterwarnings("error", ".*an autograd kernel was not registered", UserWarning)  # as pyproject's
     from helpers import pipeline
+    from helpers.environment import load_profile
     p = load_profile()
-    p = replace(p, sft=replace(p.sft, max_steps=4, logging_steps=1, save_steps=1000),
-                dpo=replace(p.dpo, max_steps=3, logging_steps=1, save_steps=1000))
     pipeline.prepare(p)
     sft, dpo = pipeline.run_sft(p), pipeline.run_dpo(p)
     print("RESULT", json.dumps({"sft": sft, "dpo": dpo, "backend": p.backend}))
@@ -88,8 +107,18 @@ UNSLOTH_SCRIPT = textwrap.dedent(
 )
 
 
-def test_unsloth_backend_trains_sft_and_dpo_on_cpu(smoke_world, tmp_path):
-    env = os.environ | {"TUTORIAL_BACKEND": "unsloth", "TUTORIAL_OUTPUTS": str(tmp_path), "WANDB_MODE": "disabled"}
+@pytest.mark.slow
+def test_unsloth_backend_trains_sft_and_dpo_on_cpu(smoke_world, smoke_seed, tmp_path):
+    settings = tmp_path / "settings.json"
+    few_steps = {"max_steps": 4, "logging_steps": 1, "save_steps": 1000}
+    settings.write_text(json.dumps({"sft": few_steps, "dpo": few_steps | {"max_steps": 3}}))
+    env = os.environ | {
+        "TUTORIAL_BACKEND": "unsloth",
+        "TUTORIAL_SEED": str(smoke_seed),
+        "TUTORIAL_OUTPUTS": str(tmp_path),
+        "TUTORIAL_SETTINGS": str(settings),
+        "WANDB_MODE": "disabled",
+    }
     done = subprocess.run([sys.executable, "-c", UNSLOTH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -100,19 +129,16 @@ def test_unsloth_backend_trains_sft_and_dpo_on_cpu(smoke_world, tmp_path):
     assert (tmp_path / "smoke" / "dpo-adapter" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.slow
-def test_recipe_works_for_another_seed(tmp_path, monkeypatch):
-    """Issue 2's done criteria, on a seed the recipe was not tuned on (the notebooks cover seed 42)."""
-    from helpers.config import smoke_profile
-
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    profile = replace(smoke_profile(7, "hf"), outputs_root=str(tmp_path))
-    pipeline.prepare(profile)
-    sft, dpo = pipeline.run_sft(profile), pipeline.run_dpo(profile)
-    evaluation = pipeline.run_eval(profile, judge=is_better_answer)
-    assert sft["loss_last"] <= 0.5 * sft["loss_first"]
-    assert dpo["step0_reward_abs_max"] < 1e-6
-    assert dpo["reward_accuracy_after"] >= 0.9
-    rates = {name: evaluation[name]["better_answer_rate"] for name in ("base", "sft", "dpo")}
-    assert rates["dpo"] >= rates["sft"] + 0.3 and rates["base"] < rates["sft"], rates
-    assert json.loads((tmp_path / "smoke" / "metrics.json").read_text())["eval"]["dpo"] == evaluation["dpo"]
+def test_the_notebooks_run_meets_the_profile_expectations(session_outputs, smoke_seed):
+    """The issue-2 criteria (SFT loss, DPO reward accuracy, step-0 rewards, better-answer rates, judge, splits) on
+    the run this session's notebooks made, with the session's seed: CI sets one the recipe was not tuned on."""
+    profile = replace(smoke_profile(smoke_seed, "hf"), outputs_root=str(session_outputs))
+    metrics = read_metrics(profile)
+    if "eval" not in metrics:
+        pytest.skip("the notebooks did not run in this session (they run first in `make test`)")
+    assert metrics["seed"] == smoke_seed
+    evaluation = metrics["eval"]
+    failures = checks.sft_failures(profile, metrics["sft"]) + checks.dpo_failures(profile, metrics["dpo"])
+    failures += checks.eval_failures(profile, evaluation) + checks.reward_model_failures(profile, evaluation)
+    failures += checks.split_failures(metrics["splits"])
+    assert not failures, failures

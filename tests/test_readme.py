@@ -1,0 +1,73 @@
+"""The README's facts are the code's: its table of `TUTORIAL_*` variables is `helpers.environment.VARIABLES`, its
+times are those of `benchmarks/results/quick-profile-estimate.json` for the launchable's A100 40 GB, its `quick`
+sizes are `quick_profile()`'s, and it lists every notebook."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from helpers.config import PROJECT_ROOT, quick_profile
+from helpers.environment import VARIABLES
+
+README = (PROJECT_ROOT / "README.md").read_text()
+PROSE = " ".join(README.split())  # line breaks as spaces
+ESTIMATE = json.loads((PROJECT_ROOT / "benchmarks/results/quick-profile-estimate.json").read_text())
+
+
+def variables_table() -> str:
+    lines = ["| variable | meaning | default |", "|---|---|---|"]
+    return "\n".join(lines + [f"| `{v.name}` | {v.meaning} | {v.default} |" for v in VARIABLES])
+
+
+def duration(minutes: float) -> str:
+    """How the README writes an estimated time."""
+    return "under a minute" if minutes < 1 else f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def test_variables_table_is_the_code_s():
+    assert README.count("| variable | meaning | default |") == 1
+    assert variables_table() in README, f"paste into README.md:\n{variables_table()}"
+    assert set(re.findall(r"\bTUTORIAL_[A-Z_]+", README)) == {v.name for v in VARIABLES}
+
+
+def notebook_rows() -> dict[str, list[str]]:
+    rows = re.findall(r"^\| `(\d\d)_\w+` \|(.*)\|$", README, re.M)
+    return {number: [cell.strip() for cell in cells.split("|")] for number, cells in rows}
+
+
+def test_every_notebook_has_a_row():
+    notebooks = {path.name[:2] for path in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert notebooks <= set(notebook_rows())
+
+
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_times_are_the_estimate_for_the_launchable_gpu(profile):
+    assert ESTIMATE["estimated_for"]["name"] == "A100 40 GB"
+    estimate = ESTIMATE["profiles"][profile]
+    column = {"quick": -2, "full": -1}[profile]
+    for number, cells in notebook_rows().items():
+        assert cells[column] == duration(estimate["minutes_by_notebook"][number]), f"notebook {number}, {profile}"
+    total = f"`{profile}`: about {duration(estimate['total_minutes'])}"
+    assert PROSE.count(total) == 2, f"README should say {total!r} in the quick start and under Brev"
+
+
+def test_the_launchable_gpu_is_the_40_gb_a100():
+    launchable = (PROJECT_ROOT / "launchable.yaml").read_text()
+    assert "instance_type: a2-highgpu-1g:nvidia-tesla-a100:1" in launchable  # a2-highgpu: A100 40 GB
+    assert "80 GB" not in README.split("## Run on Brev")[1].split("**How long.**")[1].split("**Publishing")[0]
+    peaks = ESTIMATE["profiles"]["quick"]["peak_gib"]
+    assert f"about {peaks['rl (assumed)']} GiB by the estimate" in PROSE
+
+
+def test_quick_sizes_are_the_profile_s():
+    data, rl = quick_profile().data, quick_profile().rl
+    sizes = f"({data.max_sft_rows:,} SFT rows, {data.max_preference_rows:,} preference pairs, {rl.max_steps} RL steps)"
+    assert sizes in PROSE
+
+
+def test_quick_start_is_two_commands():
+    block = README.split("## Quick start")[1].split("```bash\n")[1].split("```")[0]
+    assert [line.split("#")[0].strip() for line in block.splitlines()] == ["make run", "make test"]
