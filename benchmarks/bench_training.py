@@ -1,17 +1,21 @@
 """Training speed and peak GPU memory: the project's SFT and DPO paths against three references, on one GPU.
 
 Every path runs in its own process, one after the other, on the same data (the shapes world: random weights with
-Llama-3.1-8B's exact shapes, synthetic data with realistic, varied lengths; see `helpers/shapes.py`):
+Llama-3.1-8B's exact shapes, synthetic data with realistic, varied lengths; see `benchmarks/shapes.py`):
 
 | path | what it is |
 |---|---|
 | `project_sft` | `helpers.model.load_for_training` + `helpers.train.make_sft_trainer`, the full profile's settings |
-| `plain_unsloth_loop` | Unsloth model + LoRA, a bare PyTorch loop on full fixed-length batches of random tokens |
+| `plain_unsloth_loop` | the same model and LoRA, a bare PyTorch loop on full fixed-length batches of random tokens |
 | `unsloth_trl_defaults_sft` | Unsloth + TRL `SFTTrainer`, default settings: batch 2, no packing, shuffled |
 | `hf_peft_bnb_sft` | the project's SFT path with `backend="hf"`: transformers + peft + bitsandbytes, no Unsloth |
 | `project_dpo` | `helpers.train.make_dpo_trainer`, the full profile's settings (length-grouped batches) |
 | `unsloth_trl_defaults_dpo` | Unsloth + TRL `DPOTrainer`, default settings: batch 2, shuffled |
 | `project_dpo_2048_b2` | the project's DPO path at `max_length` 2048, batch 2: the 16 GB GPU recipe |
+| `project_dpo_two_epochs`, `project_dpo_precompute` | two epochs without and with `precompute_ref_log_probs` |
+
+The reference paths load the model as the project does (`load_for_training`: Unsloth, or with `"backend": "hf"`
+transformers + peft + bitsandbytes) and change only what their name says.
 
 Counted: real (non-padding) tokens, padded tokens and DPO pairs, over whole steps, end to end (data loading, the
 optimizer, logging; for DPO the reference forward). Warm-up is excluded, by mode: `budget` times the steps after
@@ -20,9 +24,16 @@ whole epoch over a fixed set, so every measured path sees exactly the same examp
 times the second of two epochs. Peak memory is `torch.cuda.max_memory_allocated` (and reserved) over the timed
 steps and one more optimizer step on copies of the longest example (the worst batch the data can make).
 
-    python -m helpers.shapes --out /tmp/shapes-world --model      # on the GPU machine (random 8B weights, ~1 min)
+    python benchmarks/shapes.py --out /tmp/shapes-world --model   # on the GPU machine (random 8B weights, ~1 min)
     python benchmarks/bench_training.py --world /tmp/shapes-world --out benchmarks/results/NAME.json --paths ...
     python benchmarks/report.py benchmarks/results/h200-run*.json  # the tables, into benchmarks/README.md
+
+`--repeats N` runs every path N times, interleaved (round 1 of every path, then round 2, ...): each path's record is
+its median run, with the median and range of its rates and every run under `repeats`, and report.py judges targets
+on the medians. `--tiny` runs the same code on a CPU in about a minute, every path in this process: the smoke
+world's model and data under the full profile's settings, with the hf backend; it checks the code, nothing more:
+
+    python benchmarks/bench_training.py --tiny --out t.json --repeats 3 --paths project_dpo unsloth_trl_defaults_dpo
 
 Only the JSON is kept; the model stays in the world folder (16 GB at most: never commit it).
 """
@@ -36,12 +47,13 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 GIB = 1024**3
@@ -75,7 +87,15 @@ PATHS: dict[str, dict] = {
         "mode": "warm_then_epoch",
         "dpo": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1},
     },
+    # Two epochs with and without the reference's log-probs computed once before training (TRL does it while the
+    # trainer is built: `build_s`). It should pay from the second epoch on.
+    "project_dpo_two_epochs": {"kind": "project_dpo", "mode": "two_epochs"},
+    "project_dpo_precompute": {"kind": "project_dpo", "mode": "two_epochs", "dpo": {"precompute_ref_log_probs": True}},
 }
+# --tiny: the same code on a CPU in seconds: the smoke world's model and data (short rows) under the full
+# profile's settings, transformers + peft + bitsandbytes, every path in this process. It checks the code and
+# measures nothing useful. These values replace the paths' own.
+TINY = {"world": "smoke", "backend": "hf", "rows": 64, "warm_rows": 8, "warmup": 1, "budget_s": 1, "steps": 2}
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate", "datasets")
 
 
@@ -229,24 +249,19 @@ def probe_longest(trainer, batch_size: int) -> dict:
 
 
 def train_split(profile, tokenizer, stage: str):
-    """The training rows the project's loader gives (same split and length filter as `helpers.pipeline`)."""
-    from helpers import data
+    """The training rows `helpers.pipeline` gives a stage: the same subset, split by problem and length filter."""
+    from helpers import pipeline
 
-    if stage == "sft":
-        dataset, _ = data.load_sft_dataset(profile.sft_dataset, profile.max_sft_rows)
-        max_length = profile.sft.max_length
-    else:
-        dataset, _ = data.load_preference_dataset(profile.preference_dataset, profile.max_preference_rows)
-        max_length = profile.dpo.max_length
-    train, _ = data.split_train_eval(dataset, profile.eval_fraction, profile.seed)
-    train, line = data.filter_by_length(train, tokenizer, max_length, f"{stage} train")
-    print(line, flush=True)
-    return train
+    data = pipeline.sft_data(profile, tokenizer) if stage == "sft" else pipeline.preference_data(profile, tokenizer)
+    print(data.summary(), flush=True)
+    return data.train
 
 
-def count_attention_calls() -> dict[str, int]:
+def count_attention_calls(backend: str) -> dict[str, int]:
     """Count which of Unsloth's packed-attention routes runs: one flash call per layer, or one SDPA per sequence."""
     counts = {"flash_varlen": 0, "per_sequence_sdpa_layers": 0}
+    if backend != "unsloth":
+        return counts
     try:
         from unsloth.utils import attention_dispatch as dispatch
     except ImportError:
@@ -272,7 +287,7 @@ def path_check_flash_varlen(world: Path, spec: dict, tmp: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from helpers.train import enable_packed_flash_attention
+    from helpers.workarounds import enable_packed_flash_attention
 
     changed = enable_packed_flash_attention()
     from unsloth.utils import attention_dispatch as dispatch
@@ -304,23 +319,26 @@ def path_check_flash_varlen(world: Path, spec: dict, tmp: Path) -> dict:
 
 
 def bench_profile(world: Path, spec: dict, tmp: Path):
-    """The full profile on the shapes world, with the benchmark's data size, epochs and no checkpoints."""
-    from helpers.config import full_profile
-    from helpers.shapes import shapes_profile
+    """The full profile on the shapes world, with the path's rows, epochs and settings, and no checkpoints."""
+    from shapes import shapes_profile  # benchmarks/shapes.py: this script's folder is first on sys.path
+
+    from helpers.config import full_profile, smoke_profile
+    from helpers.environment import override
 
     backend = spec.get("backend", "unsloth")
-    base = full_profile(42, backend)
-    profile = shapes_profile(world, 42, backend, base=base)
+    if spec.get("world") == "smoke":  # --tiny
+        smoke = smoke_profile(42, backend)
+        profile = override(full_profile(42, backend), {"model_id": smoke.model_id, "data": asdict(smoke.data)}, "tiny")
+    else:
+        profile = shapes_profile(world, backend=backend)
     epochs = 2 if spec.get("mode") == "two_epochs" else 1
     common = dict(num_train_epochs=epochs, max_steps=-1, save_steps=10**9)
-    sft = replace(profile.sft, **common, **spec.get("sft", {}))
-    dpo = replace(profile.dpo, **common, **spec.get("dpo", {}))
+    rows = dict(max_sft_rows=spec.get("rows", SFT_ROWS), max_preference_rows=spec.get("rows", DPO_ROWS))
     return replace(
         profile,
-        sft=sft,
-        dpo=dpo,
-        max_sft_rows=spec.get("rows", SFT_ROWS),
-        max_preference_rows=spec.get("rows", DPO_ROWS),
+        data=replace(profile.data, **rows),
+        sft=replace(profile.sft, **common, **spec.get("sft", {})),
+        dpo=replace(profile.dpo, **common, **spec.get("dpo", {})),
         report_to_wandb=False,
         outputs_root=str(tmp),
     )
@@ -362,7 +380,7 @@ def path_project_sft(world: Path, spec: dict, tmp: Path) -> dict:
         train.enable_packed_flash_attention = lambda: False
     model, tokenizer = load_for_training(profile, profile.sft.max_length)
     trainer = train.make_sft_trainer(profile, model, tokenizer, train_split(profile, tokenizer, "sft"))
-    attention_calls = count_attention_calls()
+    attention_calls = count_attention_calls(profile.backend)
     result = run_trainer(trainer, spec, "sft", profile.sft.per_device_train_batch_size)
     result["settings"] = {k: getattr(profile.sft, k) for k in ("per_device_train_batch_size", "max_length", "packing")}
     result["attention_calls"] = attention_calls
@@ -375,37 +393,15 @@ def path_project_dpo(world: Path, spec: dict, tmp: Path) -> dict:
 
     profile = bench_profile(world, spec, tmp)
     model, tokenizer = load_for_training(profile, max(2048, profile.dpo.max_length))
-    trainer = train.make_dpo_trainer(profile, model, tokenizer, train_split(profile, tokenizer, "dpo"))
+    rows = train_split(profile, tokenizer, "dpo")
+    start = time.perf_counter()  # building includes the reference pass when it is precomputed
+    trainer = train.make_dpo_trainer(profile, model, tokenizer, rows)
+    build_s = round(time.perf_counter() - start, 2)
     result = run_trainer(trainer, spec, "dpo", profile.dpo.per_device_train_batch_size)
-    result["settings"] = {
-        k: getattr(profile.dpo, k)
-        for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "group_by_length")
-    }
+    result["build_s"] = build_s
+    names = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "group_by_length")
+    result["settings"] = {k: getattr(profile.dpo, k) for k in (*names, "precompute_ref_log_probs")}
     return result
-
-
-def unsloth_model(model_id: str, seed: int = 42):
-    """Unsloth's own recipe: 4-bit base, LoRA r16 on all 7 projections, Unsloth gradient checkpointing."""
-    import torch
-    from unsloth import FastLanguageModel
-
-    from helpers.config import LORA_TARGET_MODULES
-
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=model_id, max_seq_length=2048, dtype=torch.bfloat16, load_in_4bit=True
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        use_rslora=True,
-        target_modules=list(LORA_TARGET_MODULES),
-        bias="none",
-        use_gradient_checkpointing="unsloth",
-        random_state=seed,
-    )
-    return model, tokenizer
 
 
 def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
@@ -413,10 +409,12 @@ def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
     import bitsandbytes as bnb
     import torch
 
+    from helpers.model import load_for_training
+
     profile = bench_profile(world, spec, tmp)
     batch = spec.get("batch", profile.sft.per_device_train_batch_size)
     length = spec.get("length", profile.sft.max_length)
-    model, _ = unsloth_model(profile.model_id)
+    model, _ = load_for_training(profile, length)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
@@ -453,10 +451,17 @@ def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
 
 def path_defaults_sft(world: Path, spec: dict, tmp: Path) -> dict:
     """Unsloth + TRL as its notebooks start: SFTConfig defaults but batch 2 and max_length 2048."""
-    model, tokenizer = unsloth_model(str(Path(world) / "model-bnb-4bit"))
-    from trl import SFTConfig, SFTTrainer
+    import torch
+
+    from helpers.model import load_for_training
+    from helpers.workarounds import install_cpu_logprob_fallback
 
     profile = bench_profile(world, spec, tmp)
+    model, tokenizer = load_for_training(profile, 2048)
+    from trl import SFTConfig, SFTTrainer
+
+    install_cpu_logprob_fallback()
+
     rows = train_split(profile, tokenizer, "sft")
     config = SFTConfig(
         output_dir=str(tmp / "defaults-sft"),
@@ -465,11 +470,11 @@ def path_defaults_sft(world: Path, spec: dict, tmp: Path) -> dict:
         num_train_epochs=profile.sft.num_train_epochs,
         save_strategy="no",
         report_to=[],
-        bf16=True,
+        bf16=torch.cuda.is_available(),
         seed=42,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer)
-    attention_calls = count_attention_calls()
+    attention_calls = count_attention_calls(profile.backend)
     result = run_trainer(trainer, spec, "sft", 2)
     result["attention_calls"] = attention_calls
     result["settings"] = {"per_device_train_batch_size": 2, "max_length": 2048, "packing": False}
@@ -479,10 +484,17 @@ def path_defaults_sft(world: Path, spec: dict, tmp: Path) -> dict:
 
 def path_defaults_dpo(world: Path, spec: dict, tmp: Path) -> dict:
     """Unsloth + TRL DPOTrainer with its defaults (max_length 1024), batch 2, shuffled; reference = adapter copy."""
-    model, tokenizer = unsloth_model(str(Path(world) / "model-bnb-4bit"))
-    from trl import DPOConfig, DPOTrainer
+    import torch
+
+    from helpers.model import load_for_training
+    from helpers.workarounds import install_cpu_logprob_fallback
 
     profile = bench_profile(world, spec, tmp)
+    model, tokenizer = load_for_training(profile, 2048)
+    from trl import DPOConfig, DPOTrainer
+
+    install_cpu_logprob_fallback()
+
     rows = train_split(profile, tokenizer, "dpo")
     config = DPOConfig(
         output_dir=str(tmp / "defaults-dpo"),
@@ -490,7 +502,7 @@ def path_defaults_dpo(world: Path, spec: dict, tmp: Path) -> dict:
         num_train_epochs=profile.dpo.num_train_epochs,
         save_strategy="no",
         report_to=[],
-        bf16=True,
+        bf16=torch.cuda.is_available(),
         seed=42,
     )
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=rows, processing_class=tokenizer)
@@ -570,44 +582,74 @@ def _nvidia_smi(field: str) -> str | None:
         return None
 
 
-def run_all(world: Path, out: Path, names: list[str], specs: dict[str, dict], timeout_s: int) -> dict:
-    """Each path in a fresh process; results merged into `out` after every path (a killed run keeps its part)."""
-    report = {**environment(), "world": json.loads((world / "stats.json").read_text()), "paths": {}}
-    for name in names:
-        print(f"\n=== {name} ===", flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            result_file = Path(f.name)
-        command = [
-            sys.executable,
-            __file__,
-            "--worker",
-            name,
-            "--spec",
-            json.dumps(specs[name]),
-            "--world",
-            str(world),
-            "--result",
-            str(result_file),
-        ]
-        backend = specs[name].get("backend", "unsloth")
+def run_path(name: str, spec: dict, world: Path, timeout_s: int, in_process: bool) -> dict:
+    """One run of a path: in a fresh process (on a GPU every path gets the GPU to itself), or in this one."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = Path(f.name)
+    if in_process:
+        worker(name, spec, world, result_file)
+    else:
+        command = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec), "--world", str(world)]
+        env = {**os.environ, "TUTORIAL_BACKEND": spec.get("backend", "unsloth")}
         try:
-            subprocess.run(command, timeout=timeout_s, check=False, env={**os.environ, "TUTORIAL_BACKEND": backend})
-            result = json.loads(result_file.read_text()) if result_file.stat().st_size else {"status": "no result"}
+            subprocess.run([*command, "--result", str(result_file)], timeout=timeout_s, check=False, env=env)
         except subprocess.TimeoutExpired:
-            result = {"status": "timeout", "timeout_s": timeout_s, "spec": specs[name]}
-        result_file.unlink(missing_ok=True)
-        report["paths"][name] = result
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        print(
-            f"{name}: " + json.dumps({k: v for k, v in result.items() if k not in ("micro_steps", "spec")}), flush=True
-        )
+            result_file.unlink(missing_ok=True)
+            return {"status": "timeout", "timeout_s": timeout_s, "spec": spec}
+    result = json.loads(result_file.read_text()) if result_file.stat().st_size else {"status": "no result"}
+    result_file.unlink(missing_ok=True)
+    return result
+
+
+RATES = ("tokens_per_s", "pairs_per_s")
+
+
+def combine(runs: list[dict]) -> dict:
+    """One record for the repeats of a path: the repeat with the median rate, the median and range of each rate,
+    and every repeat (without its step times). A single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    ok = [r for r in runs if r.get("status") == "ok" and "tokens_per_s" in r]
+    brief = [{k: v for k, v in r.items() if k not in ("micro_steps", "spec")} for r in runs]
+    if not ok:
+        return {**runs[-1], "repeats": brief}
+    key = "pairs_per_s" if "pairs_per_s" in ok[0] else "tokens_per_s"
+    record = dict(sorted(ok, key=lambda r: r[key])[(len(ok) - 1) // 2])  # the median run (the lower of two)
+    for rate in (r for r in RATES if r in record):
+        values = [r[rate] for r in ok]
+        record[rate] = round(statistics.median(values), 3)
+        record[f"{rate}_range"] = [min(values), max(values)]
+    if "peak_allocated_gib" in record:  # GPU runs
+        record["peak_allocated_gib"] = max(r["peak_allocated_gib"] for r in ok)
+    record["repeats"] = brief
+    return record
+
+
+def run_all(
+    world: Path, out: Path, names: list[str], specs: dict, timeout_s: int, repeats: int, in_process: bool
+) -> dict:
+    """Every path `repeats` times, interleaved (round 1 of every path, then round 2, ...), so a drift of the
+    machine hits every path alike. `out` is rewritten after every run (a killed run keeps its part)."""
+    stats = world / "stats.json"
+    report = {**environment(), "world": json.loads(stats.read_text()) if stats.exists() else {"folder": str(world)}}
+    report["repeats"] = repeats
+    report["paths"], runs = {}, {name: [] for name in names}
+    for round_ in range(1, repeats + 1):
+        for name in names:
+            print(f"\n=== {name} (run {round_} of {repeats}) ===", flush=True)
+            result = run_path(name, specs[name], world, timeout_s, in_process)
+            runs[name].append(result)
+            report["paths"][name] = combine(runs[name])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1) + "\n")
+            shown = {k: v for k, v in result.items() if k not in ("micro_steps", "spec")}
+            print(f"{name}: {json.dumps(shown)}", flush=True)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world", type=Path, required=True, help="folder built by `python -m helpers.shapes`")
+    parser.add_argument("--world", type=Path, help="folder built by `python benchmarks/shapes.py`")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--paths", nargs="*", default=list(PATHS), help=f"default: all of {', '.join(PATHS)}")
     parser.add_argument(
@@ -617,11 +659,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH=JSON",
         help='override or add a path spec, e.g. project_dpo_b16=\'{"kind": "project_dpo", ...}\'',
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every path, interleaved; medians reported")
+    parser.add_argument("--tiny", action="store_true", help="check the code on a CPU: the smoke world, no --world")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.tiny:
+        from helpers.smoke import build_smoke_world
+
+        args.world = build_smoke_world(42)
+    if args.world is None:
+        parser.error("--world is required (or --tiny)")
     if args.worker:
         return worker(args.worker, json.loads(args.spec), args.world.resolve(), args.result)
     specs = dict(PATHS)
@@ -633,7 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown paths {unknown}; known: {', '.join(specs)}")
     if args.out is None:
         parser.error("--out is required")
-    report = run_all(args.world.resolve(), args.out, args.paths, specs, args.timeout)
+    if args.tiny:
+        specs = {name: spec | TINY for name, spec in specs.items()}
+    report = run_all(args.world.resolve(), args.out, args.paths, specs, args.timeout, args.repeats, args.tiny)
     failed = [n for n, r in report["paths"].items() if r.get("status") != "ok"]
     print(f"\nwrote {args.out}; failed: {failed or 'none'}")
     return 1 if failed else 0

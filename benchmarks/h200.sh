@@ -3,7 +3,12 @@
 #
 #   bash benchmarks/h200.sh quick       # environment check + short runs of every path, settings sweep (~8 min)
 #   bash benchmarks/h200.sh bench NAME --paths ...   # the benchmark, every path in its own process, to NAME.json
-#   bash benchmarks/h200.sh notebooks   # the main job (notebooks 01-05) on the 8B shapes, W&B offline (~8 min)
+#   bash benchmarks/h200.sh notebooks   # the main job (every notebook) on the 8B shapes, capped, W&B offline
+#   bash benchmarks/h200.sh bench NAME --paths project_dpo unsloth_trl_defaults_dpo --repeats 3   # the DPO ratio
+#
+# Settings: OUT (results folder), WORLD (the shapes world, default /tmp/shapes-world), and for `notebooks`
+# TUTORIAL_PROFILE (default quick), BENCH_ROWS (rows of each dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10),
+# MAIN_JOB_TIMEOUT (seconds, 480).
 #
 # The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
 # them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...).
@@ -29,7 +34,7 @@ if [ ! -f "$world/model-bnb-4bit/config.json" ]; then
   start=$SECONDS
   reward=""
   [ "$stage" = notebooks ] && reward="--reward-model"  # keep the bf16 copy: an 8B-shaped reward-model stand-in
-  python3 -m helpers.shapes --out "$world" --model $reward --sft-rows 1300 --preference-rows 1300 >/dev/null
+  python3 benchmarks/shapes.py --out "$world" --model $reward --sft-rows 1300 --preference-rows 1300 >/dev/null
   echo "world built in $((SECONDS - start)) s: $(cat "$world/stats.json" | tr -d ' \n' | cut -c1-1500)"
 fi
 
@@ -55,19 +60,21 @@ bench)
   python3 benchmarks/bench_training.py --world "$world" --out "$out/$name.json" --timeout 240 "${@:3}"
   ;;
 notebooks)
-  # The full profile's code path (Unsloth, 4-bit, its batch settings) on the 8B shapes, 10 optimizer steps a stage.
-  export TUTORIAL_PROFILE=full TUTORIAL_BACKEND=unsloth TUTORIAL_MAX_STEPS="${TUTORIAL_MAX_STEPS:-10}"
-  export TUTORIAL_MODEL_ID="$world/model-bnb-4bit" TUTORIAL_SFT_DATASET="$world/finetome-shapes.jsonl"
-  export TUTORIAL_PREFERENCE_DATASET="$world/orpo-dpo-mix-shapes.jsonl"
-  export TUTORIAL_REWARD_MODEL_ID="$world/reward-model-bf16" TUTORIAL_OUTPUTS=/tmp/tutorial-outputs
-  export TUTORIAL_MAX_SFT_ROWS="${TUTORIAL_MAX_SFT_ROWS:-1000}" TUTORIAL_MAX_PREFERENCE_ROWS="${TUTORIAL_MAX_PREFERENCE_ROWS:-1000}"
+  # A GPU profile's code path (Unsloth, 4-bit, its batch settings) on the 8B shapes, capped: BENCH_ROWS rows of each
+  # dataset, BENCH_MAX_STEPS optimizer steps a stage (a TUTORIAL_SETTINGS file written by shapes.py).
+  profile="${TUTORIAL_PROFILE:-quick}"
+  settings=/tmp/shapes-settings.json
+  python3 benchmarks/shapes.py --out "$world" --settings "$settings" \
+    --max-rows "${BENCH_ROWS:-1000}" --max-steps "${BENCH_MAX_STEPS:-10}"
+  export TUTORIAL_PROFILE="$profile" TUTORIAL_BACKEND=unsloth TUTORIAL_SETTINGS="$settings"
+  export TUTORIAL_OUTPUTS=/tmp/tutorial-outputs
   start=$SECONDS
   status=0
   timeout "${MAIN_JOB_TIMEOUT:-480}" python3 -m helpers.run || status=$?
   echo "main job: exit $status in $((SECONDS - start)) s"
-  python3 benchmarks/summarize_main_job.py /tmp/tutorial-outputs/full --out "$out/h200-main-job.json" || true
-  cp /tmp/tutorial-outputs/full/report.md "$out/h200-main-job-report.md" 2>/dev/null || true
-  cp /tmp/tutorial-outputs/full/dpo-memory.png "$out/h200-dpo-memory.png" 2>/dev/null || true
+  python3 benchmarks/summarize_main_job.py "/tmp/tutorial-outputs/$profile" --out "$out/h200-main-job.json" || true
+  cp "/tmp/tutorial-outputs/$profile/report.md" "$out/h200-main-job-report.md" 2>/dev/null || true
+  cp "/tmp/tutorial-outputs/$profile/dpo-memory.png" "$out/h200-dpo-memory.png" 2>/dev/null || true
   exit $status
   ;;
 *)

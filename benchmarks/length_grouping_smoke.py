@@ -30,13 +30,13 @@ def run_seed(seed: int, outputs_root: Path) -> dict:
 
     base = replace(smoke_profile(seed, "hf"), report_to_wandb=False, outputs_root=str(outputs_root))
     pipeline.prepare(base)
-    pipeline.ensure_sft_adapter(base)
+    pipeline.ensure_adapter(base, "sft")
     runs = {}
     for grouped in (True, False):
         profile = replace(base, dpo=replace(base.dpo, group_by_length=grouped, save_steps=10**9))
         model, tokenizer = load_for_training(profile, profile.dpo.max_length, adapter_dir=profile.sft_adapter_dir)
-        splits = pipeline.preference_splits(profile, tokenizer)
-        trainer = train.make_dpo_trainer(profile, model, tokenizer, splits.train, splits.eval)
+        pairs = pipeline.preference_data(profile, tokenizer)
+        trainer = train.make_dpo_trainer(profile, model, tokenizer, pairs.train, pairs.eval)
         start = time.perf_counter()
         trainer.train()
         after = trainer.evaluate(metric_key_prefix="eval")

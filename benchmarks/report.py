@@ -3,7 +3,8 @@
     python benchmarks/report.py benchmarks/results/h200-run*.json
 
 Each JSON is one run (one machine, one command, the same data for every path). Targets are checked only between
-paths of the same run. The full-run estimate scales the measured rates to the full datasets (how: see `estimate`).
+paths of the same run; where paths were repeated (`bench_training.py --repeats`), between their medians, with the
+range of the ratio round by round. The expected times of whole runs are `estimate_series.py`'s.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ DESCRIPTIONS = {
     "plain_8x2048": "plain Unsloth loop, 8 × 2048",
     "dpo_b16": "project DPO, 16 pairs grouped",
     "defaults_dpo": "Unsloth + TRL `DPOTrainer` defaults (batch 2, shuffled)",
+    "project_dpo_two_epochs": "project DPO, two epochs (the second timed)",
+    "project_dpo_precompute": "the same with `precompute_ref_log_probs` (the pass is in `build_s`)",
 }
 
 # (name, numerator path, denominator path or None, metric, bound, "min" or "max")
@@ -44,14 +47,6 @@ TARGETS = [
     ("DPO (24 GB setting) peak ≤ 16 GiB", "project_dpo", None, "peak_allocated_gib", 16.0, "max"),
     ("DPO max_length 2048, batch 2: peak ≤ 10 GiB", "project_dpo_2048_b2", None, "peak_allocated_gib", 10.0, "max"),
 ]
-
-# Full datasets of the tutorial (REFERENCE §5): FineTome-100k; orpo-dpo-mix-40k minus its 541 toxic-dpo rows.
-FULL_SFT_ROWS = 100_000
-FULL_DPO_ROWS = 44_245 - 541
-# Datasheet dense bf16 TFLOP/s and memory TB/s, to scale H200 times to other GPUs (a range: compute- vs
-# memory-bound). H200 SXM 989 / 4.8; A100 80 GB SXM 312 / 2.0; L4 (24 GB) 121 / 0.3.
-GPUS = {"A100 80 GB": (312, 2.0), "L4 24 GB": (121, 0.3)}
-H200 = (989, 4.8)
 
 
 def fmt(value, digits=0) -> str:
@@ -75,6 +70,10 @@ def path_table(run: dict) -> list[str]:
         mem = r["timed_peak"] if "timed_peak" in r and "probe_peak" not in r else r
         peak = f"{fmt(mem.get('peak_allocated_gib'), 2)} ({fmt(mem.get('peak_reserved_gib'), 2)})"
         measured = f"{r['measured_micro_steps']} steps, {r['measured_s']} s"
+        if "repeats" in r:
+            rate = "pairs_per_s" if "pairs_per_s" in r else "tokens_per_s"
+            low, high = r[f"{rate}_range"]
+            measured = f"median of {len(r['repeats'])} runs ({fmt(low, 2)} to {fmt(high, 2)}); {measured} in it"
         label = DESCRIPTIONS.get(name, name)
         pairs = fmt(r.get("pairs_per_s"), 2)
         share = fmt(r.get("real_token_share"), 2)
@@ -86,12 +85,15 @@ def target_rows(run: dict) -> list[str]:
     rows = []
     paths = run["paths"]
     for name, num, den, metric, bound, kind in TARGETS:
-        if paths.get(num, {}).get("status") != "ok" or (den and paths.get(den, {}).get("status") != "ok"):
-            continue
+        if metric not in paths.get(num, {}) or (den and metric not in paths.get(den, {})):
+            continue  # not run, failed, or (memory) not on a GPU
         value = paths[num][metric]
         if den:
             value = value / paths[den][metric]
             shown = f"{value:.2f}× ({fmt(paths[num][metric], 2)} / {fmt(paths[den][metric], 2)})"
+            rounds = round_ratios(paths[num], paths[den], metric)
+            if rounds:
+                shown += f"; medians of {len(rounds)} rounds, round by round {min(rounds):.2f}× to {max(rounds):.2f}×"
         else:
             shown = f"{value:.2f} GiB"
         met = value >= bound if kind == "min" else value <= bound
@@ -99,32 +101,10 @@ def target_rows(run: dict) -> list[str]:
     return rows
 
 
-def estimate(runs: list[dict]) -> list[str]:
-    """Full-run time = rows × mean tokens (or pairs) / measured rate; other GPUs scaled by datasheet ratios."""
-    sft = dpo = None
-    for run in runs:
-        paths, world = run["paths"], run["world"]
-        if paths.get("project_sft", {}).get("status") == "ok":
-            tokens = world["sft_example_tokens"]["mean"] * (1 - world["sft_example_tokens"]["share_over_2048"])
-            sft = (FULL_SFT_ROWS * 0.99 * tokens / paths["project_sft"]["tokens_per_s"], paths["project_sft"])
-        if paths.get("project_dpo", {}).get("status") == "ok":
-            kept = 1 - world["dpo_pair_tokens_prompt_plus_longer_answer"]["share_over_1024"]
-            dpo = (FULL_DPO_ROWS * 0.99 * kept / paths["project_dpo"]["pairs_per_s"], paths["project_dpo"])
-    if not (sft and dpo):
-        return []
-    lines = [
-        "| GPU | SFT, 1 epoch | DPO, 1 epoch | peak GPU memory (SFT / DPO) |",
-        "|---|---:|---:|---:|",
-        f"| H200 (measured rates) | {sft[0] / 3600:.1f} h | {dpo[0] / 3600:.1f} h | "
-        f"{sft[1]['peak_allocated_gib']:.1f} / {dpo[1]['peak_allocated_gib']:.1f} GiB |",
-    ]
-    for gpu, (tflops, tbs) in GPUS.items():
-        fast, slow = min(H200[0] / tflops, H200[1] / tbs), max(H200[0] / tflops, H200[1] / tbs)
-        lines.append(
-            f"| {gpu} (scaled ×{fast:.1f} to ×{slow:.1f}) | {sft[0] * fast / 3600:.0f} to {sft[0] * slow / 3600:.0f} h"
-            f" | {dpo[0] * fast / 3600:.0f} to {dpo[0] * slow / 3600:.0f} h | same as H200 |"
-        )
-    return lines
+def round_ratios(num: dict, den: dict, metric: str) -> list[float]:
+    """The ratio of two repeated paths round by round (the runs were interleaved), where both rounds ran."""
+    pairs = zip(num.get("repeats", []), den.get("repeats", []), strict=False)
+    return [a[metric] / b[metric] for a, b in pairs if a.get("status") == b.get("status") == "ok"]
 
 
 def render(files: list[Path]) -> str:
@@ -146,9 +126,6 @@ def render(files: list[Path]) -> str:
         targets = target_rows(run)
         if targets:
             out += ["| target (same run) | measured | |", "|---|---:|---|", *targets, ""]
-    lines = estimate(runs)
-    if lines:
-        out += ["### Expected time of the tutorial's full run", "", *lines, ""]
     return "\n".join(out)
 
 

@@ -3,6 +3,7 @@
 # machine's Python and register the Jupyter kernel "align-llama". Brev runs it once after provisioning.
 # Idempotent: a stamp records what was installed, so a second run only compares it and exits.
 # Starts nothing long-running (Brev's own JupyterLab serves the notebooks). Brev's limit: 16 KiB.
+# deploy/test_launchable.py checks that limit and runs this script against stand-ins for pip and uv.
 #
 # Settings (environment variables, all optional):
 #   ALIGN_LLAMA_DIR   the cloned repository (default: searched for in $HOME, else cloned there)
@@ -54,8 +55,8 @@ find_repo() {
 }
 
 log "start (dry run: $DRY_RUN, log: $LOG)"
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found; set PYTHON to a Python 3.10+ interpreter"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "$PYTHON is older than Python 3.10"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found; set PYTHON to a Python 3.11+ interpreter"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "$PYTHON is older than Python 3.11 (pyproject.toml: requires-python)"
 PY_PATH=$("$PYTHON" -c 'import sys; print(sys.executable)')
 
 if ! REPO=$(find_repo); then

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from helpers.config import Profile
+from helpers.distributed import is_main_process
 
 
 def wandb_mode() -> str:
@@ -25,8 +26,10 @@ def report_to(profile: Profile) -> list[str]:
 
 
 def start_run(profile: Profile, stage: str):
-    """Start a W&B run for one training stage ('sft' or 'dpo'); returns the run, or None when disabled."""
-    if not report_to(profile):
+    """Start a W&B run for one training stage ('sft' or 'dpo'); returns the run, or None when disabled or in
+    a process other than the main one (under `accelerate launch` one run records the stage; the Trainer's W&B
+    callback logs from that process only)."""
+    if not report_to(profile) or not is_main_process():
         return None
     import wandb
 

@@ -1,0 +1,66 @@
+"""The training benchmark's plumbing on a CPU: profiles on the shapes world, medians of interleaved repeats, and
+(`--tiny`, the smoke world) the DPO comparison end to end, rendered by report.py with its ratio and spread."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+
+import bench_training
+import pytest
+import report
+import shapes
+
+from helpers.config import full_profile
+
+
+def test_bench_profile_is_the_full_profile_on_the_world_with_the_paths_settings(tmp_path):
+    world = tmp_path / "world"
+    spec = {"kind": "project_dpo", "mode": "two_epochs", "rows": 50, "dpo": {"per_device_train_batch_size": 4}}
+    profile = bench_training.bench_profile(world, spec, tmp_path / "out")
+    full = full_profile(42, "unsloth")
+    assert profile.model_id == str(world.resolve() / shapes.MODEL_DIR)
+    assert profile.data.sft_dataset == str(world.resolve() / shapes.SFT_FILE)
+    assert profile.data.preference_dataset == str(world.resolve() / shapes.PREFERENCE_FILE)
+    assert (profile.data.max_sft_rows, profile.data.max_preference_rows) == (50, 50)
+    assert profile.sft == replace(full.sft, num_train_epochs=2, max_steps=-1, save_steps=10**9)
+    assert profile.dpo == replace(full.dpo, num_train_epochs=2, max_steps=-1, save_steps=10**9, **spec["dpo"])
+    assert not profile.report_to_wandb and profile.output_dir.parent == tmp_path / "out"
+
+
+def run(pairs_per_s: float, status: str = "ok") -> dict:
+    return {"status": status, "tokens_per_s": 100 * pairs_per_s, "pairs_per_s": pairs_per_s, "micro_steps": [[1]]}
+
+
+def test_combine_reports_the_median_run_and_the_range():
+    record = bench_training.combine([run(7.0), run(9.0), run(8.0), run(0, "error")])
+    assert record["pairs_per_s"] == 8.0 and record["tokens_per_s"] == 800.0
+    assert record["pairs_per_s_range"] == [7.0, 9.0]
+    assert len(record["repeats"]) == 4 and "micro_steps" not in record["repeats"][0]
+    assert bench_training.combine([run(5.0)]) == run(5.0)
+
+
+def test_round_ratios_pair_the_interleaved_runs():
+    project = {"repeats": [run(8.0), run(6.0), run(9.0, "error")]}
+    defaults = {"repeats": [run(4.0), run(4.0), run(3.0)]}
+    assert report.round_ratios(project, defaults, "pairs_per_s") == [2.0, 1.5]
+
+
+@pytest.mark.slow
+def test_tiny_dpo_comparison_runs_interleaved_repeats_and_reports_the_ratio(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_training.TINY, "rows", 32)
+    out = tmp_path / "tiny.json"
+    paths = ["project_dpo", "unsloth_trl_defaults_dpo"]
+    assert bench_training.main(["--tiny", "--out", str(out), "--paths", *paths, "--repeats", "3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["repeats"] == 3 and result["gpu"] is None
+    for name in paths:
+        path = result["paths"][name]
+        rates = [r["pairs_per_s"] for r in path["repeats"]]
+        assert len(rates) == 3 and path["pairs_per_s"] == round(statistics.median(rates), 3)
+        assert path["pairs_per_s_range"] == [min(rates), max(rates)]
+    assert result["paths"]["project_dpo"]["settings"]["group_by_length"] is True
+    assert result["paths"]["unsloth_trl_defaults_dpo"]["settings"]["per_device_train_batch_size"] == 2
+    (line,) = [row for row in report.target_rows(result) if row.startswith("| DPO pairs/s ≥ 2 ×")]
+    assert "medians of 3 rounds, round by round" in line
