@@ -254,8 +254,6 @@ def run_training(trainer: Any, profile: Profile, stage: str, resume: bool = True
     if resume_from:
         print(f"resuming from {resume_from}")
         restore_trained_adapter(trainer.model, Path(resume_from))
-        if finished(trainer, Path(resume_from)):
-            return None
     try:
         return trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as e:
@@ -266,24 +264,6 @@ def run_training(trainer: Any, profile: Profile, stage: str, resume: bool = True
             f"lower max_length (now {getattr(a, 'max_length', None)}). Then run again: training resumes from the "
             "last checkpoint."
         ) from e
-
-
-def finished(trainer: Any, checkpoint: Path) -> bool:
-    """Whether `checkpoint` is the run's last step; if so, take its state (log history included) as the trainer's.
-
-    `Trainer.train(resume_from_checkpoint=...)` from a checkpoint at `max_steps` trains one step more (transformers
-    5.17), so a rerun would change an adapter that is already complete.
-    """
-    from transformers import TrainerState
-
-    if not (checkpoint / "trainer_state.json").exists():
-        return False
-    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-    if not state.max_steps or state.global_step < state.max_steps:
-        return False
-    trainer.state = state
-    print(f"{checkpoint.name} is the last step ({state.global_step} of {state.max_steps}): nothing left to train")
-    return True
 
 
 def log_history(trainer: Any) -> list[dict]:

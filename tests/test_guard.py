@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -75,7 +76,11 @@ class OutOfMemoryTrainer:
 
     def __init__(self, output_dir):
         self.args = SimpleNamespace(
-            output_dir=str(output_dir), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_length=2048
+            output_dir=str(output_dir),
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            max_length=2048,
+            main_process_first=lambda desc: contextlib.nullcontext(),  # one process
         )
 
     def train(self, resume_from_checkpoint=None):
