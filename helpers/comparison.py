@@ -18,6 +18,7 @@ from helpers.checkpoints import is_current
 from helpers.config import MODELS, Profile
 from helpers.metrics import merge_model_metrics, update_metrics, write_json_atomically
 from helpers.model import load_adapter, load_base
+from helpers.splits import read_split
 
 ADAPTERS = {"base": None, "sft": "sft", "dpo": "dpo", "rl": "rl"}
 
@@ -166,7 +167,7 @@ def judge_with_reward_model(profile: Profile) -> dict:
     pairs are the ones every model is judged on.
     """
     rm, rm_tokenizer = reward.ensure_reward_model(profile, reward_pairs(profile))
-    held_out = read_pairs(profile, "eval")[: profile.eval.num_prompts]
+    held_out = read_split(profile, "eval")[: profile.eval.num_prompts]
     judged = {"reward_model": reward.judge_report(rm, rm_tokenizer, held_out, profile.code_judge)}
     responses = read_responses(profile)
     names = [n for n in MODELS if n in responses]
@@ -186,14 +187,7 @@ def reward_pairs(profile: Profile) -> Any:
         return None
     from helpers.data import to_dataset
 
-    return to_dataset(read_pairs(profile, "reward-train"))
-
-
-def read_pairs(profile: Profile, split: str) -> list[dict]:
-    """The rows of a written split (see `helpers.splits`)."""
-    from helpers.splits import read_split
-
-    return read_split(profile, split)
+    return to_dataset(read_split(profile, "reward-train"))
 
 
 def side_by_side(profile: Profile) -> str:

@@ -422,15 +422,6 @@ def load_preference_dataset(source: str, max_rows: int | None = None):
     return to_dataset(examples), report
 
 
-def split_train_eval(dataset, eval_fraction: float, seed: int):
-    """Shuffle with `seed` and split off `eval_fraction` (at least one row) as the held-out set."""
-    if len(dataset) < 2:
-        raise DataError(f"Need at least 2 usable rows to hold some out for evaluation, got {len(dataset)}.")
-    n_eval = min(len(dataset) - 1, max(1, round(len(dataset) * eval_fraction)))
-    split = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return split["train"], split["test"]
-
-
 def count_tokens(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> int:
     """Tokens in `messages` rendered with the chat template."""
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

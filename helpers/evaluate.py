@@ -110,38 +110,54 @@ def generate(
 ) -> Generations:
     """Answers to chat `prompts`, greedy or sampled (seeded), with the given adapter (None = base model)."""
     torch.manual_seed(seed)
+    with use_adapter(model, adapter):
+        return generate_as_is(model, tokenizer, prompts, max_new_tokens, sample, temperature, batch_size, desc)
+
+
+@torch.no_grad()
+def generate_as_is(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict]],
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    desc: str | None = "generating",
+) -> Generations:
+    """`generate` from any causal LM as it stands (plain, merged, or a `PeftModel` with its active adapter), no
+    adapter chosen and no seed set. `desc=None` shows no progress bar."""
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     stops = stop_token_ids(tokenizer)
     texts, num_tokens, stopped = [], [], []
-    with use_adapter(model, adapter):
-        for start in tqdm(
-            range(0, len(prompts), batch_size),
-            desc=desc,
-            leave=False,
-            disable=len(prompts) <= batch_size,
-            mininterval=10,  # a few lines in an executed notebook, not one per batch
-        ):
-            rows = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                for p in prompts[start : start + batch_size]
-            ]
-            enc = tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt").to(model_device(model))
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for row in out[:, enc["input_ids"].shape[1] :].tolist():
-                end = next((i for i, t in enumerate(row) if t in stops), None)
-                answer = row if end is None else row[:end]
-                texts.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
-                num_tokens.append(len(answer))
-                stopped.append(end is not None)
+    for start in tqdm(
+        range(0, len(prompts), batch_size),
+        desc=desc,
+        leave=False,
+        disable=desc is None or len(prompts) <= batch_size,
+        mininterval=10,  # a few lines in an executed notebook, not one per batch
+    ):
+        rows = [
+            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts[start : start + batch_size]
+        ]
+        enc = tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt").to(model_device(model))
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            answer = row if end is None else row[:end]
+            texts.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+            num_tokens.append(len(answer))
+            stopped.append(end is not None)
     tokenizer.padding_side = "right"
     return Generations(texts, num_tokens, stopped)
 
@@ -153,11 +169,6 @@ def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int =
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
     tail = (1 - level) / 2
     return means[int(tail * samples)], means[min(samples - 1, int((1 - tail) * samples))]
-
-
-def response_lengths(tokenizer: Any, responses: Sequence[str]) -> list[int]:
-    """Length of each response in tokens."""
-    return [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
 
 
 def judge_responses(

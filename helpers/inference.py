@@ -20,37 +20,19 @@ from typing import Any
 import torch
 
 from helpers.chat import EOT, stop_token_ids
+from helpers.evaluate import generate_as_is
 
 DECISIVE_MARGIN = 1.0  # nats between the greedy token and the runner-up, at every token of an answer
 
 
-@torch.no_grad()
 def greedy_answers(
     model: Any, tokenizer: Any, prompts: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 16
 ) -> list[str]:
     """Greedy answers of any causal LM (plain, merged or `PeftModel` with its active adapter) to chat `prompts`."""
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues at the right end
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            for p in prompts[start : start + batch_size]
-        ]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=stop_token_ids(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    side = tokenizer.padding_side
+    answers = generate_as_is(model, tokenizer, prompts, max_new_tokens, sample=False, batch_size=batch_size, desc=None)
     tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    return answers.texts
 
 
 @dataclass

@@ -200,19 +200,7 @@ def test_hub_ids_go_to_the_hub_and_paths_do_not(tmp_path, monkeypatch):
     assert asked == ["mlabonne/FineTome-100k"]
 
 
-# --- split and length filter ---------------------------------------------------------------------------------
-
-
-def test_split_holds_out_a_seeded_fraction():
-    dataset = Dataset.from_list([{"i": i} for i in range(20)])
-    train, held_out = data.split_train_eval(dataset, 0.15, seed=1)
-    assert (len(train), len(held_out)) == (17, 3)
-    assert set(train["i"]).isdisjoint(held_out["i"]) and set(train["i"]) | set(held_out["i"]) == set(range(20))
-    assert data.split_train_eval(dataset, 0.15, seed=1)[1]["i"] == held_out["i"]
-    assert data.split_train_eval(dataset, 0.15, seed=2)[1]["i"] != held_out["i"]
-    assert len(data.split_train_eval(dataset, 0.001, seed=1)[1]) == 1  # at least one row held out
-    with pytest.raises(DataError, match="at least 2 usable rows"):
-        data.split_train_eval(dataset.select([0]), 0.15, seed=1)
+# --- length filter ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
