@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 # its dependencies (the tests use only its tokenizer files, with tiktoken, pydantic and Pillow).
 	$(PY) -m pip install -q tiktoken==0.14.0
 	$(PY) -m pip install -q --no-deps llama-models==0.3.0
-	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name align-llama --display-name "Python (align-llama)" >/dev/null
 	touch $@
 
 setup: $(STAMP)

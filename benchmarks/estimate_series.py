@@ -26,12 +26,12 @@ from shapes import DPO_PROMPT
 from helpers.config import Profile, full_profile, quick_profile
 from helpers.estimates import (
     A100_40GB,
-    GENERATION_TOKENS_PER_S,
     GPU,
     GPUS,
     H200,
     RESULTS,
     REWARD_TOKENS_PER_S,
+    generation_rates,
     generation_s,
     measured_rates,
     rl,
@@ -51,6 +51,7 @@ DOWNLOAD_MB_S = 100  # an assumption; a cloud machine often gets more from the H
 NOTEBOOK_07_FILES_S = 3 + 20 + 77 + 67
 CHAT_TURNS = 3  # notebook 07's streaming chat, one answer at a time
 HACKING_STEPS_SHARE = 1 / 3  # notebook 06's reward-hacking run: this share of the RL steps (`helpers.rlhf`)
+GENERATE = "evaluate_generate"  # transformers' `generate`: greedy answers (`helpers.inference`) and 07's chat
 EVAL_BATCH = 16  # `comparison.sample_and_judge` and `inference.greedy_answers` sample 16 prompts a batch
 
 
@@ -70,10 +71,13 @@ def main_job_seconds() -> dict[str, float]:
     return {name[:2]: nb["seconds"] for name, nb in run["notebooks"].items()}
 
 
-def sampling_row(notebook: str, what: str, answers: int, new_tokens: int, batch: int, gpu: GPU) -> Row:
-    """Sampling `answers` answers of `new_tokens` tokens, `batch` at a time (every batch runs to the cap)."""
-    seconds = generation_s(answers, new_tokens, batch, gpu)
-    rate = f"{answers * new_tokens / seconds:,.0f} new tokens/s (batch {min(batch, answers)})"
+def sampling_row(
+    notebook: str, what: str, answers: int, new_tokens: int, batch: int, gpu: GPU, path: str = "sampler_merged"
+) -> Row:
+    """Sampling `answers` answers of `new_tokens` tokens, `batch` at a time (every batch runs to the cap), at the
+    measured decode step of `path` (`helpers.estimates.generation_rates`)."""
+    seconds = generation_s(answers, new_tokens, batch, gpu, generation_rates(path))
+    rate = f"{answers * new_tokens / seconds:,.0f} new tokens/s (batch {min(batch, answers)}, {path})"
     return Row(notebook, what, answers, new_tokens, rate, seconds)
 
 
@@ -142,7 +146,7 @@ def series(profile: Profile, gpu: GPU) -> list[Row]:
             dpo_eval.seconds,
         ),
         sampling_row("05", "sampled answers of base, SFT and DPO", 3 * answers, e.max_new_tokens, EVAL_BATCH, gpu),
-        sampling_row("05", "one greedy answer each of base, SFT and DPO", 3, e.max_new_tokens, 1, gpu),
+        sampling_row("05", "one greedy answer each of base, SFT and DPO", 3, e.max_new_tokens, 1, gpu, GENERATE),
         scoring_row("05", "the reward model scores the sampled answers", 3 * answers, answer_tokens, gpu),
         Row("06", f"RL: {policy.basis}", s.max_steps, None, "sampling + training", policy.seconds),
         sampling_row(
@@ -162,8 +166,10 @@ def series(profile: Profile, gpu: GPU) -> list[Row]:
             answers,
             gpu,
         ),
-        sampling_row("07", "greedy answers to the held-out prompts", prompts, e.max_new_tokens, EVAL_BATCH, gpu),
-        sampling_row("07", "streaming chat", CHAT_TURNS, e.max_new_tokens, 1, gpu),
+        sampling_row(
+            "07", "greedy answers to the held-out prompts", prompts, e.max_new_tokens, EVAL_BATCH, gpu, GENERATE
+        ),
+        sampling_row("07", "streaming chat", CHAT_TURNS, e.max_new_tokens, 1, gpu, GENERATE),
         scoring_row("07", "four versions of the model score those answers", 4 * prompts, answer_tokens, gpu),
         Row("07", "merge, save, write and read back the GGUF", None, None, "07's H200 times", NOTEBOOK_07_FILES_S),
     ]
@@ -174,7 +180,7 @@ def series(profile: Profile, gpu: GPU) -> list[Row]:
 
 
 def evaluations(steps: int, every: int) -> int:
-    """Held-out measurements of an RL run (`rlhf.HeldOutCurve`): at the start, every `every` steps, at the last."""
+    """Held-out readings of an RL run (`rl_heldout.HeldOutCurve`): at the start, every `every` steps, at the last."""
     return 1 + steps // every + (steps % every != 0)
 
 
@@ -224,14 +230,14 @@ def estimate(gpu: GPU = A100_40GB) -> dict:
     rates = measured_rates()
     rl_peak = rl(1, 1, 1, 1, gpu).peak_gib
     results = {**environment(), "estimated_for": asdict(gpu), "slowdown_vs_h200": round(gpu.slowdown(), 3)}
-    results |= {"rates": asdict(rates), "generation_tokens_per_s": GENERATION_TOKENS_PER_S, "profiles": {}}
+    results |= {"rates": asdict(rates), "generation_tokens_per_s": generation_rates(), "profiles": {}}
     for build in (quick_profile, full_profile):
         profile = build()
         rows = series(profile, gpu)
         results["profiles"][profile.name] = {
             "settings": asdict(profile.data) | {"rl_steps": profile.rl.max_steps, "eval_steps": profile.rl.eval_steps},
             "total_minutes": round(sum(r.seconds for r in rows) / 60, 1),
-            "peak_gib": {"sft": rates.sft_peak_gib, "dpo": rates.dpo_peak_gib, "rl (assumed)": round(rl_peak, 1)},
+            "peak_gib": {"sft": rates.sft_peak_gib, "dpo": rates.dpo_peak_gib, "rl": round(rl_peak, 1)},
             "minutes_by_notebook": by_notebook([asdict(r) for r in rows]),
             "rows": [asdict(r) for r in rows],
         }

@@ -4,11 +4,13 @@
 #   bash benchmarks/h200.sh quick       # environment check + short runs of every path, settings sweep (~8 min)
 #   bash benchmarks/h200.sh bench NAME --paths ...   # the benchmark, every path in its own process, to NAME.json
 #   bash benchmarks/h200.sh notebooks   # the main job (every notebook) on the 8B shapes, capped, W&B offline
+#   bash benchmarks/h200.sh notebooks 05 06   # only these notebooks (split a run over calls of 10 minutes)
 #   bash benchmarks/h200.sh bench NAME --paths project_dpo unsloth_trl_defaults_dpo --repeats 3   # the DPO ratio
 #
 # Settings: OUT (results folder), WORLD (the shapes world, default /tmp/shapes-world), and for `notebooks`
-# TUTORIAL_PROFILE (default quick), BENCH_ROWS (rows of each dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10),
-# MAIN_JOB_TIMEOUT (seconds, 480).
+# TUTORIAL_PROFILE (default quick), TUTORIAL_OUTPUTS (default /tmp/tutorial-outputs), BENCH_ROWS (rows of each
+# dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10), MAIN_JOB_TIMEOUT (seconds, 480), SUMMARY (the summary's name,
+# h200-main-job).
 #
 # The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
 # them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...).
@@ -66,15 +68,21 @@ notebooks)
   settings=/tmp/shapes-settings.json
   python3 benchmarks/shapes.py --out "$world" --settings "$settings" \
     --max-rows "${BENCH_ROWS:-1000}" --max-steps "${BENCH_MAX_STEPS:-10}"
+  python3 -c "import wandb" 2>/dev/null || python3 -c "
+import json, sys
+settings = json.load(open(sys.argv[1])) | {'report_to_wandb': False}
+json.dump(settings, open(sys.argv[1], 'w'), indent=1)
+print('wandb is not installed here: W&B logging off')" "$settings"
   export TUTORIAL_PROFILE="$profile" TUTORIAL_BACKEND=unsloth TUTORIAL_SETTINGS="$settings"
-  export TUTORIAL_OUTPUTS=/tmp/tutorial-outputs
+  export TUTORIAL_OUTPUTS="${TUTORIAL_OUTPUTS:-/tmp/tutorial-outputs}"
+  run="$TUTORIAL_OUTPUTS/$profile" summary="${SUMMARY:-h200-main-job}"
   start=$SECONDS
   status=0
-  timeout "${MAIN_JOB_TIMEOUT:-480}" python3 -m helpers.run || status=$?
+  timeout "${MAIN_JOB_TIMEOUT:-480}" python3 -m helpers.run "${@:2}" || status=$?
   echo "main job: exit $status in $((SECONDS - start)) s"
-  python3 benchmarks/summarize_main_job.py "/tmp/tutorial-outputs/$profile" --out "$out/h200-main-job.json" || true
-  cp "/tmp/tutorial-outputs/$profile/report.md" "$out/h200-main-job-report.md" 2>/dev/null || true
-  cp "/tmp/tutorial-outputs/$profile/dpo-memory.png" "$out/h200-dpo-memory.png" 2>/dev/null || true
+  python3 benchmarks/summarize_main_job.py "$run" --out "$out/$summary.json" || true
+  cp "$run/report.md" "$out/$summary-report.md" 2>/dev/null || true
+  cp "$run"/*.png "$out/" 2>/dev/null || true
   exit $status
   ;;
 *)

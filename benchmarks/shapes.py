@@ -31,7 +31,7 @@ is the full profile pointed at that folder; for the notebooks, a `TUTORIAL_SETTI
     python benchmarks/shapes.py --out /tmp/shapes-world --settings /tmp/settings.json --max-rows 1000 --max-steps 10
 
 Benchmark-only (it moved here from `helpers/shapes.py`); it uses `helpers` as the notebooks do: the 8B sizes are
-notebook 01's `helpers.theory.LLAMA_31_8B`, the tokenizer trainer and `write_jsonl` those of `helpers.smoke`.
+notebook 01's `helpers.qlora.LLAMA_31_8B`, the tokenizer trainer and `write_jsonl` those of `helpers.smoke`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any
 
 from helpers import smoke
 from helpers.config import Profile, full_profile
-from helpers.theory import LLAMA_31_8B, ModelShapes
+from helpers.qlora import LLAMA_31_8B, ModelShapes
 
 TOKENIZER_VOCAB = 8192
 # The rest of Llama-3.1-8B's config.json (meta-llama/Llama-3.1-8B): what `ModelShapes` does not hold, because
@@ -347,9 +347,12 @@ def shapes_settings(world: Path) -> dict:
     """The settings that point a profile at the shapes world (its model, data and reward-model stand-in), in the
     form of a `TUTORIAL_SETTINGS` file."""
     world = Path(world).resolve()
+    bf16 = str(world / REWARD_DIR) if (world / REWARD_DIR).is_dir() else None
     return {
         "model_id": str(world / MODEL_DIR),
-        "reward_model_id": str(world / REWARD_DIR) if (world / REWARD_DIR).is_dir() else None,
+        "reward_model_id": bf16,
+        "original_model_id": bf16,  # the bf16 weights the 4-bit model was quantized from
+        "random_weights": True,
         "data": {"sft_dataset": str(world / SFT_FILE), "preference_dataset": str(world / PREFERENCE_FILE)},
     }
 
@@ -366,7 +369,10 @@ def capped_settings(world: Path, max_rows: int, max_steps: int) -> dict:
     run of the notebooks that checks the code path on the 8B shapes in minutes."""
     settings = shapes_settings(world)
     settings["data"] |= {"max_sft_rows": max_rows, "max_preference_rows": max_rows}
-    return settings | {stage: {"max_steps": max_steps} for stage in ("sft", "dpo", "rl")}
+    logging_steps = max(1, max_steps // 2)  # two logs a stage: the second one's step time is past the compiling
+    return settings | {
+        stage: {"max_steps": max_steps, "logging_steps": logging_steps} for stage in ("sft", "dpo", "rl")
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

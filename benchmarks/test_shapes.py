@@ -13,7 +13,7 @@ import shapes
 import torch
 from transformers import LlamaForCausalLM
 
-from helpers.theory import LLAMA_31_8B, total_params
+from helpers.qlora import LLAMA_31_8B, total_params
 
 SPECIAL_IDS = SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=2)
 

@@ -56,10 +56,40 @@ def eval_failures(profile: Profile, evaluation: dict) -> list[str]:
 
 
 def reward_model_failures(profile: Profile, evaluation: dict) -> list[str]:
-    """The judge is better than chance, and as good as the profile promises."""
+    """The judge is better than chance, and as good as the profile promises (nothing: random weights)."""
+    if profile.random_weights:
+        return []
     accuracy = evaluation["reward_model"]["accuracy"]
     minimum = profile.expect.reward_model_accuracy_min if profile.expect else 0.5
     return [] if accuracy >= minimum else [f"reward-model accuracy on held-out pairs {accuracy:.3f} < {minimum}"]
+
+
+def rl_failures(profile: Profile, rlhf: dict) -> list[str]:
+    """What the RL stage must show (empty when all hold): the reference is the start model (KL exactly 0 at step
+    0); RL raised the reward model's held-out score; with a code judge, RL did not lower the better-answer rate;
+    and the hacking run raised its proxy while the truth got worse: the code judge's rate fell, or without a code
+    judge, the score of the reward model it did not optimise. With `profile.random_weights` only the first holds."""
+    found = []
+    if rlhf["step0_kl_nats"] != 0.0:
+        found.append(f"the KL to the reference is {rlhf['step0_kl_nats']:g} before training, not exactly 0")
+    if profile.random_weights:
+        return found
+    proxy = rlhf["proxy_reward"]
+    if not proxy["rl"] > proxy["sft"]:
+        found.append(f"RL did not raise the reward model's held-out score: {proxy['sft']:.3f} → {proxy['rl']:.3f}")
+    rate = rlhf["better_answer_rate"] if profile.code_judge else None
+    if rate and rate["rl"] < rate["sft"]:
+        found.append(f"RL lowered the better-answer rate: {rate['sft']:.3f} → {rate['rl']:.3f}")
+    hacking = rlhf.get("hacking")
+    if hacking:
+        hacked = hacking["proxy_reward"]
+        if not hacked["rl"] > hacked["sft"]:
+            found.append(f"the hacking run did not raise its proxy: {hacked['sft']:.3f} → {hacked['rl']:.3f}")
+        key = "better_answer_rate" if profile.code_judge else "reward_model_score"
+        truth = hacking[key]
+        if not truth["rl"] < truth["sft"]:
+            found.append(f"the hacking run did not lower the {key}: {truth['sft']:.3f} → {truth['rl']:.3f}")
+    return found
 
 
 def split_failures(overlap: dict) -> list[str]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,11 @@ class Profile:
     # The smoke task has a code judge (`helpers.smoke.is_better_answer`): the true score that every other
     # measurement (reward models, implicit rewards) only approximates. Real chat data has none.
     code_judge: bool = False
+    # The 16-bit checkpoint the 4-bit base was made from (notebook 07 merges into it to compare); None: the model
+    # id without Unsloth's "-bnb-4bit" suffix.
+    original_model_id: str | None = None
+    # Random weights (the benchmarks' 8B-shaped stand-ins): what training teaches is printed, not asserted.
+    random_weights: bool = False
     report_to_wandb: bool = True
     wandb_project: str = "align-llama"
     outputs_root: str = str(PROJECT_ROOT / "outputs")
@@ -224,25 +230,28 @@ def shown(path: str | Path) -> str:
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
-def cache_root() -> Path:
-    """Where built artefacts (the smoke world) are kept: `TUTORIAL_CACHE`, default `.cache/`."""
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """Where built artefacts (the smoke world) are kept: `TUTORIAL_CACHE` in `env` (default: this process's
+    environment), else `.cache/`."""
     import os
 
-    return Path(os.environ.get("TUTORIAL_CACHE", PROJECT_ROOT / ".cache"))
+    env = os.environ if env is None else env
+    return Path(env.get("TUTORIAL_CACHE", "").strip() or PROJECT_ROOT / ".cache")
 
 
-def smoke_world_dir(seed: int) -> Path:
-    """Where the smoke world (tokenizer, tiny base model, synthetic datasets) for `seed` is cached: under a hash
-    of its generator's source, so a changed generator never reuses a world built by an older one."""
+def smoke_world_dir(seed: int, cache: Path | None = None) -> Path:
+    """Where the smoke world (tokenizer, tiny base model, synthetic datasets) for `seed` is cached (under `cache`,
+    default `cache_root()`): under a hash of its generator's source, so a changed generator never reuses a world
+    built by an older one."""
     import hashlib
 
     generator = hashlib.sha256((PROJECT_ROOT / "helpers" / "smoke.py").read_bytes()).hexdigest()[:12]
-    return cache_root() / "smoke-world" / generator / f"seed-{seed}"
+    return (cache or cache_root()) / "smoke-world" / generator / f"seed-{seed}"
 
 
-def smoke_profile(seed: int = 42, backend: str = "hf") -> Profile:
-    """Tiny locally built Llama, synthetic data in the real schemas, CPU, minutes."""
-    world = smoke_world_dir(seed)
+def smoke_profile(seed: int = 42, backend: str = "hf", cache: Path | None = None) -> Profile:
+    """Tiny locally built Llama, synthetic data in the real schemas, CPU, minutes; its world under `cache`."""
+    world = smoke_world_dir(seed, cache)
     return Profile(
         name="smoke",
         backend=backend,

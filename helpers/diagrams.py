@@ -1,4 +1,5 @@
-"""Pictures for notebook 01: the SFT, RLHF and DPO pipelines as box-and-arrow diagrams, and DPO's loss curve.
+"""Pictures for notebooks 01 and 06: the SFT, RLHF and DPO pipelines and RLOO's loop as box-and-arrow diagrams, and
+DPO's loss curve.
 
 Each function returns a matplotlib Figure (closed to pyplot, so a notebook shows it once and tests can read
 it) and writes a file only when given a path.
@@ -17,7 +18,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from helpers.theory import dpo_loss
 
-__all__ = ["draw_dpo_pipeline", "draw_rlhf_pipeline", "draw_sft_pipeline", "plot_dpo_loss_vs_margin"]
+__all__ = ["draw_dpo_pipeline", "draw_rlhf_pipeline", "draw_rloo_loop", "draw_sft_pipeline", "plot_dpo_loss_vs_margin"]
 
 # Fill colour per kind of box; the legend names them.
 COLORS = {
@@ -176,6 +177,30 @@ def draw_dpo_pipeline(path: str | Path | None = None) -> Figure:
         Arrow("ref", "loss", "$\\log \\pi_{\\mathrm{ref}}(y|x)$"),
     ]
     return _save(_draw(boxes, arrows, "DPO: no reward model, no sampling", (13.0, 5.4)), path)
+
+
+def draw_rloo_loop(path: str | Path | None = None) -> Figure:
+    """RLHF with RLOO: the policy samples k answers, the reward model scores them, the KL to the frozen reference
+    is subtracted, the other answers' mean is the baseline, and the advantage updates the policy."""
+    advantage = "$A_i = R_i - \\mathrm{mean}_{j \\ne i}\\, R_j$"
+    boxes = {
+        "prompts": Box(2.0, 4.9, "Prompts $x$\n(training problems)", "data"),
+        "policy": Box(6.5, 4.9, "Policy $\\pi_\\theta$ samples\n$y_1, \\dots, y_k$ for each $x$", "model"),
+        "rm": Box(11.0, 4.9, "Reward model\n$r_\\phi(x, y_i)$", "frozen"),
+        "ref": Box(6.5, 2.8, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of the start)", "frozen"),
+        "reward": Box(11.0, 2.8, "$R_i = r_\\phi(x, y_i) - \\beta\\,\\mathrm{KL}_i$", "training"),
+        "update": Box(2.0, 0.8, f"{advantage}\nraise $\\log \\pi_\\theta(y_i|x)$\nin proportion to $A_i$", "training"),
+    }  # fmt: skip
+    arrows = [
+        Arrow("prompts", "policy"),
+        Arrow("policy", "rm", "answers $y_i$"),
+        Arrow("policy", "ref", "$y_i$"),
+        Arrow("rm", "reward", "score"),
+        Arrow("ref", "reward", "$\\mathrm{KL}_i$"),
+        Arrow("reward", "update", "baseline: the\nother answers"),
+        Arrow("update", "policy", "update $\\theta$", dashed=True),
+    ]
+    return _save(_draw(boxes, arrows, "RLHF with RLOO: no value model", (13.0, 5.8)), path)
 
 
 def plot_dpo_loss_vs_margin(

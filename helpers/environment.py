@@ -15,10 +15,11 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from helpers.config import BACKENDS, PROFILE_BUILDERS, PROFILES, Profile
+from helpers.config import BACKENDS, PROFILE_BUILDERS, PROFILES, Profile, cache_root, smoke_profile
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,11 @@ def load_profile(env: Mapping[str, str] | None = None) -> Profile:
         raise SettingsError(f"TUTORIAL_BACKEND={requested!r} is not one of {', '.join(BACKENDS)}.")
     backend = resolve_backend(requested, on_gpu)
     outputs = folder_variable(env, "TUTORIAL_OUTPUTS")
-    folder_variable(env, "TUTORIAL_CACHE")  # checked here with the others; `config.cache_root()` reads it
+    folder_variable(env, "TUTORIAL_CACHE")
     if backend == "unsloth":
         import_unsloth()
-    profile = PROFILE_BUILDERS[name](int(seed_text), backend)
+    builders = PROFILE_BUILDERS | {"smoke": partial(smoke_profile, cache=cache_root(env))}
+    profile = builders[name](int(seed_text), backend)
     if outputs:
         profile = replace(profile, outputs_root=str(outputs.resolve()))
     if env.get("TUTORIAL_SETTINGS", "").strip():

@@ -1,6 +1,6 @@
 """Expected time and peak GPU memory of a stage on this GPU, printed before it starts. Training: rows × mean tokens
 of the loaded data ÷ the token rate measured on an H200 (`benchmarks/results/`) × this GPU's datasheet slowdown.
-Sampling: the measured decode step, bound by kernel launches, not by the GPU (REFERENCE §3). No estimate on a CPU.
+Sampling: `helpers.sampling`'s decode step measured on the H200 (`h200-sampling.json`). No estimate on a CPU.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 from helpers.config import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
-GENERATION_TOKENS_PER_S = {16: 190.0, 64: 576.0}  # by batch size: Unsloth `generate`, 4-bit + LoRA (REFERENCE §3)
 REWARD_TOKENS_PER_S = 64 * 764 / 1.47  # an 8B bf16 reward model: 64 answers of 764 tokens in 1.47 s (REFERENCE §3)
-WEIGHTS_4BIT_GB = 5.7  # Llama-3.1-8B in 4-bit NF4 (`helpers.theory.quantized_memory_gb`, notebook 01)
+# What one decode step of `helpers.sampling`'s merged copy reads: Llama-3.1-8B's linear layers and lm_head in bf16.
+DECODE_READ_GB = 15.0
 REWARD_MODEL_GIB = 15e9 / 2**30  # GRM-Llama3.1-8B in bf16, about 15 GB (REFERENCE §5)
 PATHS = ("project_sft", "project_dpo")  # the benchmark's paths that run the project's own SFT and DPO
 
@@ -103,12 +103,14 @@ class Estimate:
     seconds: float = 0.0
     peak_gib: float = 0.0
     basis: str = ""
+    peak_note: str = ""  # how the peak was found, where it is not this stage's benchmark measurement
 
     def __str__(self) -> str:
         if self.gpu is None:
             return f"{self.stage}: no estimate on CPU (smoke)"
         how, minutes = "; ".join(filter(None, [self.basis, self.gpu.note])), self.seconds / 60
-        return f"{self.stage}: about {minutes:.0f} min, peak {self.peak_gib:.1f} GiB on {self.gpu.name} ({how})"
+        peak = f"peak {self.peak_gib:.1f} GiB" + (f" ({self.peak_note})" if self.peak_note else "")
+        return f"{self.stage}: about {minutes:.0f} min, {peak} on {self.gpu.name} ({how})"
 
 
 def training(stage: str, rows: float, mean_tokens: float, gpu: GPU | None, rates: Rates | None = None) -> Estimate:
@@ -121,28 +123,56 @@ def training(stage: str, rows: float, mean_tokens: float, gpu: GPU | None, rates
     return Estimate(stage, gpu, rows * mean_tokens / rate * gpu.slowdown(), peak, basis)
 
 
-def generation_s(answers: int, new_tokens: int, batch: int, gpu: GPU) -> float:
-    """Sampling in batches (each to the cap); a step: the next measured batch size's, or one read of the weights."""
-    size = min((b for b in GENERATION_TOKENS_PER_S if b >= min(batch, answers)), default=max(GENERATION_TOKENS_PER_S))
-    step_s = max(size / GENERATION_TOKENS_PER_S[size], WEIGHTS_4BIT_GB / (gpu.memory_tb_s * 1000))
+def generation_rates(path: str = "sampler_merged", results: Path = RESULTS) -> dict[int, float]:
+    """New tokens/s by batch size of a sampling `path` measured on the H200 (`h200-sampling.json`): by default
+    `helpers.sampling`'s `merged` mode, what evaluation and RL sample with on a GPU with room for the copy;
+    `evaluate_generate` is transformers' `generate` on the 4-bit model, what greedy answers and the chat use."""
+    run = json.loads((results / "h200-sampling.json").read_text())
+    return {r["batch"]: r["new_tokens_per_s"] for r in run["records"] if r["path"] == path}
+
+
+def generation_s(answers: int, new_tokens: int, batch: int, gpu: GPU, rates: dict[int, float] | None = None) -> float:
+    """Sampling in batches (each to the cap); a step: the next measured batch size's (a decode step costs about the
+    same for any batch up to it: REFERENCE §3), or one read of the weights on a GPU with less bandwidth."""
+    rates = rates or generation_rates()
+    size = min((b for b in rates if b >= min(batch, answers)), default=max(rates))
+    step_s = max(size / rates[size], DECODE_READ_GB / (gpu.memory_tb_s * 1000))
     return -(-answers // batch) * new_tokens * step_s
+
+
+def measured_rl_peak_gib(results: Path = RESULTS) -> float | None:
+    """Notebook 06's peak GPU memory in the H200 main job (`h200-main-job.json`, the 8B shapes), if it ran there."""
+    path = results / "h200-main-job.json"
+    run = json.loads(path.read_text()) if path.exists() else {}
+    return (run.get("eta_check", {}).get("rlhf") or {}).get("peak_memory_gib")
 
 
 def rl(steps: int, answers: int, prompt_tokens: float, new_tokens: int, gpu: GPU | None, rates=None) -> Estimate:
     """Online RL: `answers` a step, sampled in one batch, scored by the reward model and trained on (policy and
-    reference forwards: DPO's cost a token). Peak: DPO's measured one plus the bf16 reward model (assumed)."""
+    reference forwards: DPO's cost a token). Peak: the one measured in the H200 main job (the sampler's merged copy
+    included), else DPO's measured one plus the bf16 reward model."""
     if gpu is None:
         return Estimate("rl", None)
     r = rates or measured_rates()
     train_s = answers * (prompt_tokens + new_tokens) * (1 / r.dpo_tokens_per_s + 1 / REWARD_TOKENS_PER_S)
     step_s = generation_s(answers, new_tokens, answers, gpu) + train_s * gpu.slowdown()
     basis = f"{steps} steps × {answers} answers of {new_tokens} tokens, {step_s:.0f} s a step"
-    return Estimate("rl", gpu, steps * step_s, r.dpo_peak_gib + REWARD_MODEL_GIB, basis)
+    measured = measured_rl_peak_gib()
+    peak_note = "as on an H200, with the sampler's 13 GiB merged copy, kept only where there is room"
+    peak = measured or r.dpo_peak_gib + REWARD_MODEL_GIB
+    return Estimate("rl", gpu, steps * step_s, peak, basis, peak_note if measured else "assumed")
 
 
 def before_training(trainer: Any, stage: str, gpu: GPU | None = None) -> Estimate:
-    """`training` of a built SFT or DPO trainer's tokenized rows × epochs (or `max_steps` batches) on `gpu`/this GPU."""
+    """`training` of a built SFT or DPO trainer's tokenized rows × epochs (or `max_steps` batches) on `gpu`/this GPU;
+    `rl` of an RL trainer's steps, batches and prompts (their mean length in tokens, from up to 256 of them)."""
     d, a = trainer.train_dataset, trainer.args
+    if stage == "rl":
+        tokenizer, prompts = trainer.processing_class, d["prompt"][:256]
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        prompt_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
+        answers = a.per_device_train_batch_size * a.gradient_accumulation_steps
+        return rl(a.max_steps, answers, prompt_tokens, a.max_completion_length, gpu or this_gpu())
     names = ("prompt_ids", "prompt_ids", "chosen_ids", "rejected_ids") if stage == "dpo" else ("input_ids",)
     lengths = [sum(map(len, row)) for row in zip(*(d[n] for n in names), strict=True)]
     rows = a.max_steps * a.per_device_train_batch_size * a.gradient_accumulation_steps

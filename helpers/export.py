@@ -139,8 +139,9 @@ def load_adapter_plainly(base_id: str, adapter_dir: Path) -> tuple[Any, Any]:
 
 
 def original_weights_id(profile: Profile) -> str:
-    """The 16-bit checkpoint behind the profile's base: Unsloth's pre-quantized `…-bnb-4bit` repos name it."""
-    return profile.model_id.removesuffix("-bnb-4bit")
+    """The 16-bit checkpoint behind the profile's base: `original_model_id`, else the name Unsloth's pre-quantized
+    `…-bnb-4bit` repos derive from it."""
+    return profile.original_model_id or profile.model_id.removesuffix("-bnb-4bit")
 
 
 def merge_adapter(

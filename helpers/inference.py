@@ -140,8 +140,8 @@ def compare_models(
 def agrees_where_decisive(comparison: dict[str, Any]) -> bool:
     """A `compare_models` result shows a faithful copy: the same choice at every decisive token, and the same
     greedy answer to every decisive prompt."""
-    greedy = comparison["same_greedy_decisive"]  # NaN when no prompt is decisive
-    return comparison["same_choice_decisive"] == 1.0 and (math.isnan(greedy) or greedy == 1.0)
+    choice, greedy = comparison["same_choice_decisive"], comparison["same_greedy_decisive"]  # NaN: none decisive
+    return (math.isnan(choice) or choice == 1.0) and (math.isnan(greedy) or greedy == 1.0)
 
 
 def describe(name: str, comparison: dict[str, Any]) -> str:

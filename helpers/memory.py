@@ -42,7 +42,7 @@ class MemoryCallback(TrainerCallback):
     """Adds `memory/<name>` readings to every training log, so they land in W&B next to the loss.
 
     It must run before W&B's own callback, or the readings are added after W&B has sent the log:
-    `trainer.callback_handler.callbacks.insert(0, MemoryCallback())` (see `helpers.train.attach_callbacks`).
+    `trainer.callback_handler.callbacks.insert(0, MemoryCallback())` (see `helpers.callbacks.attach_callbacks`).
     The GPU peak is reset when training begins, so each stage logs its own training peak, not that of an
     evaluation or an earlier stage in the same process.
     """

@@ -9,9 +9,11 @@ Each stage reads what the previous one saved under `outputs/<profile>/`, writes 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
 from typing import Any
 
-from helpers import data, plots, splits, train
+from helpers import data, estimates, plots, splits, train
 from helpers.checkpoints import is_current, save_adapter
 from helpers.config import Profile
 from helpers.distributed import barrier, is_main_process
@@ -22,7 +24,14 @@ from helpers.tracking import finish_run, start_run
 
 
 def prepare(profile: Profile) -> None:
-    """Say what this run uses, stop early if it cannot run here; in the smoke profile build the local world."""
+    """Say what this run uses, stop early if it cannot run here; in the smoke profile build the local world.
+    Turns off the progress bars of model loads and data maps (an 8B model prints one per load); training and
+    sampling keep theirs."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
     print(profile.describe())
     check_environment(profile)
     profile.output_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +43,7 @@ def prepare(profile: Profile) -> None:
         # The smoke model's matrices are tiny: a second thread costs more in synchronisation than it saves
         # (a toy reward model trained in 4.7 s on one thread, 53 s on two, on a 2-core machine).
         torch.set_num_threads(1)
-        build_smoke_world(profile.seed)
+        build_smoke_world(profile.seed, world=Path(profile.model_id).parent)
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -162,7 +171,7 @@ def record_sft(stage: Stage) -> dict:
         "steps": stage.trainer.state.global_step,
         "train_rows": len(stage.data.train),
         "trainable_parameters": count_parameters(stage.model)["trainable"],
-    } | stage_cost(history)
+    } | stage_cost(stage)
     finish_run(stage.wandb_run)
     update_metrics(stage.profile, sft=result)
     return result
@@ -188,23 +197,43 @@ def record_dpo(stage: Stage) -> dict:
         "loss_last": losses(history)[-1],
         "steps": stage.trainer.state.global_step,
         "train_pairs": len(stage.data.train),
-    } | stage_cost(history)
+    } | stage_cost(stage)
     finish_run(stage.wandb_run)
     update_metrics(stage.profile, dpo=result, splits=splits.overlap_report(stage.profile))
     return result
 
 
-def stage_cost(history: list[dict]) -> dict[str, float | None]:
-    """Seconds the last training session took (the Trainer's `train_runtime`) and the peak memory logged, GiB
-    (GPU peak allocated on a GPU, else the process's resident memory)."""
+COST_KEYS = ("train_seconds", "seconds_per_step", "peak_memory_gib", "estimate_seconds")  # what `stage_cost` adds
+
+
+def stage_cost(stage: Stage) -> dict[str, float | None]:
+    """What the last training session cost: seconds (the Trainer's `train_runtime`), the median seconds an
+    optimizer step took (`callbacks.StepTimer`), the peak memory logged in GiB (GPU peak allocated on a GPU, else the
+    process's resident memory), and the estimate printed before training (`helpers.estimates`; None on a CPU)."""
+    history = train.log_history(stage.trainer)
     runtime = [h["train_runtime"] for h in history if "train_runtime" in h]
+    steps = [h["step_seconds"] for h in history if "step_seconds" in h]
     memory = [h.get("memory/gpu_peak_allocated_gib", h.get("memory/cpu_rss_gib")) for h in history]
     memory = [m for m in memory if m is not None]
-    return {"train_seconds": runtime[-1] if runtime else None, "peak_memory_gib": max(memory) if memory else None}
+    estimate = estimates.before_training(stage.trainer, stage.name)
+    values = (
+        runtime[-1] if runtime else None,
+        median(steps) if steps else None,
+        max(memory) if memory else None,
+        round(estimate.seconds, 1) if estimate.gpu else None,
+    )
+    return dict(zip(COST_KEYS, values, strict=True))
 
 
 def losses(history: list[dict], key: str = "loss") -> list[float]:
-    return [h[key] for h in history if key in h]
+    """The training losses logged, in order; a clear error when training ended before its first log."""
+    found = [h[key] for h in history if key in h]
+    if not found:
+        steps = max((h.get("step", 0) for h in history), default=0)
+        raise RuntimeError(
+            f"No training loss was logged in {steps} steps: set logging_steps to at most max_steps and train again."
+        )
+    return found
 
 
 # --- whole stages -------------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def plot_nf4(weight: Any, blocksize: int = 64, title: str = "a layer's weights")
     """
     import torch
 
-    from helpers.theory import nf4_levels, nf4_quantize
+    from helpers.qlora import nf4_levels, nf4_quantize
 
     levels = nf4_levels()
     scaled, codes = nf4_quantize(weight, blocksize)

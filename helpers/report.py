@@ -1,4 +1,5 @@
-"""`report.md`: the run's numbers and sample answers, written from metrics.json and samples.json."""
+"""`report.md` and the notebooks' markdown tables: the run's numbers and sample answers, written from metrics.json
+and samples.json."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from helpers.config import MODELS, Profile
+from helpers.metrics import read_metrics
 
 
 def fmt(value) -> str:
@@ -31,6 +33,33 @@ def eval_table(evaluation: dict) -> list[str]:
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cell(row, c) for c in columns) + " |" for name, row in rows.items()]
     return lines
+
+
+TABLE_COLUMNS = {  # column header: (metrics section, key); the section "eval" is read per model
+    "better-answer rate": ("eval", "better_answer_rate"),
+    "reward-model score": ("eval", "reward_model_score_mean"),
+    "win rate vs SFT": ("eval", "win_rate_vs_sft"),
+    "mean tokens": ("eval", "mean_response_tokens"),
+    "training s": ("stage", "train_seconds"),
+    "peak memory GiB": ("stage", "peak_memory_gib"),
+}
+STAGE_SECTIONS = {"sft": "sft", "dpo": "dpo", "rl": "rlhf"}  # the metrics section that holds each model's training
+
+
+def comparison_table(profile: Profile) -> str:
+    """A markdown table of the models in metrics.json's `eval` section: the held-out numbers of notebook 05's
+    comparison and each stage's training cost (– where a number was not recorded)."""
+    metrics = read_metrics(profile)
+    models = [m for m in MODELS if m in metrics.get("eval", {})]
+    lines = ["| model | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for model in models:
+        cells = []
+        for section, key in TABLE_COLUMNS.values():
+            source = metrics["eval"][model] if section == "eval" else metrics.get(STAGE_SECTIONS.get(model), {})
+            value = source.get(key)
+            cells.append("–" if value is None else f"{value:.3g}" if section == "stage" else f"{value:.3f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def samples_section(samples_path: Path) -> list[str]:

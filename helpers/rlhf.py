@@ -1,5 +1,5 @@
-"""Online RL against a reward model (RLHF) with TRL's `RLOOTrainer`: the RL stage of notebook 06, the held-out
-curves it draws while it trains, and a reward-hacking run against a deliberately flawed proxy.
+"""Online RL against a reward model (RLHF) with TRL's `RLOOTrainer`: the RL stage of notebook 06 and a
+reward-hacking run against a deliberately flawed proxy (`helpers.rl_proxy`).
 
 RLOO (REINFORCE Leave-One-Out; Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740), for each prompt x:
 
@@ -13,55 +13,45 @@ RLOO (REINFORCE Leave-One-Out; Ahmadian et al. 2024, https://arxiv.org/abs/2402.
 The stage starts from `profile.rl.start_from` (the SFT model, as in InstructGPT's SFT → reward model → RL; notebook
 06 says why), trains its adapter, and uses the same adapter copied into a frozen `"ref"` adapter as π_ref. Every
 `eval_steps` the policy answers the held-out prompts, and the code judge (smoke), the reward model and the KL to the
-reference read the answers: the curves of notebook 06 and `metrics.json`'s `rlhf` section.
+reference read the answers (`helpers.rl_heldout`): the curves of notebook 06 and `metrics.json`'s `rlhf` section.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.figure import Figure
 
 import helpers.backend  # noqa: F401  (Unsloth, when selected, patches transformers and trl first)
-from helpers import comparison, evaluate, pipeline, plots, reward, splits, train
+from helpers import pipeline, plots, reward, splits, train
+from helpers.callbacks import attach_callbacks
 from helpers.chat import stop_token_ids
-from helpers.config import MODELS, Profile
-from helpers.diagrams import Arrow, Box, _draw, _save
-from helpers.experiments import sampled_kl
-from helpers.metrics import read_metrics, update_metrics
+from helpers.config import Profile
+from helpers.metrics import update_metrics
 from helpers.model import load_for_training
-from helpers.sampling import FastSamplingMixin
+from helpers.rl_heldout import HeldOut, HeldOutCurve, heldout_readings, plot_rl_curves
+from helpers.rl_proxy import LENGTH_PROXY, Proxy, reward_model_proxy
+from helpers.rollouts import FastSamplingMixin
 from helpers.tracking import finish_run
-from helpers.workarounds import complete_reference_adapter, install_cpu_logprob_fallback, keep_adapter_dtypes_on_resume
+from helpers.workarounds import (
+    complete_reference_adapter,
+    freeze_reference_adapter,
+    install_cpu_logprob_fallback,
+    keep_adapter_dtypes_on_resume,
+)
 
-from transformers import TrainerCallback  # isort: skip  (after helpers.backend)
-from trl import RLOOConfig, RLOOTrainer  # isort: skip
+from trl import RLOOConfig, RLOOTrainer  # isort: skip  (after helpers.backend)
 
 __all__ = [
     "ALGORITHM",
-    "LENGTH_PROXY",
-    "HeldOut",
-    "HeldOutCurve",
-    "Proxy",
     "RLStage",
     "build_hacking",
     "build_rl",
-    "comparison_table",
-    "draw_rloo_loop",
-    "failures",
-    "freeze_reference_adapter",
-    "length_reward",
     "make_rloo_trainer",
     "measure_rl_start",
-    "plot_rl_curves",
     "record_rl",
-    "reward_model_proxy",
     "rloo_config",
     "run_hacking",
     "run_rl",
@@ -70,125 +60,6 @@ __all__ = [
 ALGORITHM = "RLOO"
 # The hacking run is short: the flawed proxy's damage shows within a few dozen steps.
 HACKING_STEPS_SHARE = 1 / 3
-
-
-# --- what RL maximises ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Proxy:
-    """What a run maximises: TRL's `reward_funcs` (a reward model or a function), and the same score computed for
-    held-out answers (`score(prompts, generations)`, one float per answer)."""
-
-    name: str
-    reward_funcs: Any
-    reward_processing_classes: Any
-    score: Callable[[Sequence[list[dict]], evaluate.Generations], list[float]]
-
-
-def reward_model_proxy(model: Any, tokenizer: Any) -> Proxy:
-    """The reward model as the proxy: TRL applies its chat template and reads `logits[:, 0]`, as `reward.score`."""
-    return Proxy(
-        "reward-model score",
-        model,
-        tokenizer,
-        lambda prompts, gens: reward.score(model, tokenizer, prompts, gens.texts),
-    )
-
-
-def length_reward(completion_ids: list[list[int]], **kwargs) -> list[float]:
-    """The flawed proxy of the hacking run: an answer's length in tokens (its end token included).
-
-    The longer answer always wins, as it does for a reward model that learned "longer looks better" from its
-    raters' labels (Singhal et al. 2023, https://arxiv.org/abs/2310.03716), taken to the limit.
-    """
-    return [float(len(ids)) for ids in completion_ids]
-
-
-LENGTH_PROXY = Proxy(
-    "answer length (tokens)",
-    length_reward,
-    None,
-    lambda prompts, gens: [float(n + s) for n, s in zip(gens.num_tokens, gens.stopped, strict=True)],
-)
-
-
-# --- the held-out view ------------------------------------------------------------------------------------
-
-
-@dataclass
-class HeldOut:
-    """The held-out prompts every RL measurement answers, and what reads the answers.
-
-    The prompts are the first `eval.num_prompts` held-out problems, each asked `eval.samples_per_prompt` times,
-    answered with `eval`'s sampling settings (as notebook 05 answers them), all in one batch (on a CPU a decoding
-    step of the tiny model costs about the same for 16 rows or 192).
-    """
-
-    profile: Profile
-    tokenizer: Any  # the policy's
-    prompts: list[list[dict]]
-    n_prompts: int
-    reward_model: Any
-    reward_tokenizer: Any
-    proxy: Proxy
-
-    def measure(self, model: Any) -> dict[str, float]:
-        """Sample answers from the "default" adapter and read them: code judge (smoke), length, share cut at
-        `max_new_tokens`, reward-model score, the proxy's score and the KL to the "ref" adapter (nats per answer).
-
-        The random state is restored afterwards, so measuring does not change the training run's samples.
-        """
-        s = self.profile.eval
-        was_training = model.training
-        model.eval()
-        with torch.random.fork_rng():
-            gens = evaluate.generate(
-                model, self.tokenizer, self.prompts, s.max_new_tokens, True, s.temperature, self.profile.seed,
-                len(self.prompts), "default", "held-out",
-            )  # fmt: skip
-            kl = sampled_kl(model, self.tokenizer, self.prompts, gens.texts)
-        model.train(was_training)
-        described = comparison.describe_answers(self.profile, self.prompts, gens, self.n_prompts)
-        result = {k: float(v) for k, v in described.items() if isinstance(v, int | float) and k != "stopped_share"}
-        result["cut_share"] = 1.0 - gens.stopped_share()
-        scores = reward.score(self.reward_model, self.reward_tokenizer, self.prompts, gens.texts)
-        result["reward_model_score"] = mean(scores)
-        result["proxy_reward"] = mean(self.proxy.score(self.prompts, gens))
-        result["kl_nats"] = mean(kl)
-        return result
-
-
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
-class HeldOutCurve(TrainerCallback):
-    """Every `every` optimizer steps and at the last one, measure the held-out answers and add the readings, as
-    `heldout/<name>`, to that step's log (so W&B and the log history, which checkpoints keep, get them)."""
-
-    def __init__(self, measure: Callable[[Any], dict[str, float]], every: int):
-        self.measure, self.every, self.pending = measure, every, {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.pending = {f"heldout/{k}": v for k, v in self.measure(model).items()}
-            control.should_log = True  # log at this step, so the readings land at the step they measure
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.pending and logs is not None:
-            logs.update(self.pending)
-            state.log_history[-1].update(self.pending)  # the Trainer copied `logs` into its history already
-            self.pending = {}
-
-
-def heldout_readings(history: list[dict]) -> list[dict]:
-    """The held-out measurements in a log history, in step order, without their `heldout/` prefix."""
-    return [
-        {"step": h["step"]} | {k.removeprefix("heldout/"): v for k, v in h.items() if k.startswith("heldout/")}
-        for h in history
-        if any(k.startswith("heldout/") for k in h)
-    ]
 
 
 # --- the trainer ------------------------------------------------------------------------------------------
@@ -245,26 +116,7 @@ def make_rloo_trainer(
     complete_reference_adapter(trainer.model)
     freeze_reference_adapter(trainer.model)
     keep_adapter_dtypes_on_resume(trainer.model)
-    return train.attach_callbacks(trainer)
-
-
-def freeze_reference_adapter(model: Any) -> int:
-    """Freeze every weight of TRL's frozen "ref" adapter; return how many were still trainable.
-
-    What breaks: TRL adds the "ref" adapter with `add_adapter`, and peft 0.21 leaves the new adapter's trainable
-    token rows (`...trainable_tokens_delta.ref`, from `LoraSettings.trainable_tokens`) trainable: its wrapper's
-    `set_adapter` "only deals with active_adapters, not with requires_grad" (peft/utils/other.py). They get no
-    gradient, so training is unchanged, but the optimizer holds them; on resume the Trainer reloads "ref" frozen,
-    the optimizer's parameter groups no longer match the checkpoint's, and resuming fails with "loaded state dict
-    contains a parameter group that doesn't match the size of optimizer's group". Switching adapters once (peft's
-    `set_adapter`, as `use_adapter` does) freezes them too, which is why DPO, whose "ref" adapter is made the same
-    way, resumes: `measure_dpo_start` switches before training. Not reported upstream as of 2026-11-30; remove when
-    peft freezes a non-active adapter's rows. (Belongs in `helpers.workarounds`, beside `complete_reference_adapter`.)
-    """
-    trainable = [p for n, p in model.named_parameters() if p.requires_grad and (".ref." in n or n.endswith(".ref"))]
-    for param in trainable:
-        param.requires_grad_(False)
-    return len(trainable)
+    return attach_callbacks(trainer)
 
 
 # --- the stage --------------------------------------------------------------------------------------------
@@ -307,7 +159,7 @@ def build_rl(profile: Profile) -> RLStage:
     trainer = make_rloo_trainer(profile, model, tokenizer, data.train, proxy)
     prompts = list(data.eval["prompt"])[: profile.eval.num_prompts]
     sampled = prompts * profile.eval.samples_per_prompt
-    heldout = HeldOut(profile, tokenizer, sampled, len(prompts), reward_model, reward_tokenizer, proxy)
+    heldout = HeldOut(profile, tokenizer, sampled, len(prompts), reward_model, reward_tokenizer, proxy, trainer.sampler)
     trainer.callback_handler.callbacks.insert(0, HeldOutCurve(heldout.measure, profile.rl.eval_steps))
     return RLStage(profile, "rl", trainer.model, tokenizer, data, trainer, heldout=heldout)
 
@@ -345,7 +197,7 @@ def record_rl(stage: RLStage) -> dict:
         "kl_final": end["kl_nats"],
         "mean_response_tokens": before_after(start, end, "mean_response_tokens"),
         "cut_share": before_after(start, end, "cut_share"),
-    } | pipeline.stage_cost(history)
+    } | pipeline.stage_cost(stage)
     if profile.code_judge:
         result["better_answer_rate"] = before_after(start, end, "better_answer_rate")
     finish_run(stage.wandb_run)
@@ -369,7 +221,6 @@ def build_hacking(stage: RLStage) -> RLStage:
     maximises the flawed `LENGTH_PROXY` for a third of the steps. It is not resumed and saves no adapter."""
     profile = stage.profile
     model, tokenizer = load_start(profile)
-    heldout = replace(stage.heldout, tokenizer=tokenizer, proxy=LENGTH_PROXY)
     trainer = make_rloo_trainer(
         profile,
         model,
@@ -381,6 +232,7 @@ def build_hacking(stage: RLStage) -> RLStage:
         max_steps=max(1, round(profile.rl.max_steps * HACKING_STEPS_SHARE)),
         save_strategy="no",
     )
+    heldout = replace(stage.heldout, tokenizer=tokenizer, proxy=LENGTH_PROXY, sampler=trainer.sampler)
     every = max(1, min(profile.rl.eval_steps, trainer.args.max_steps // 4))  # at least four readings
     trainer.callback_handler.callbacks.insert(0, HeldOutCurve(heldout.measure, every))
     return RLStage(profile, "rl-hacking", trainer.model, tokenizer, stage.data, trainer, heldout=heldout)
@@ -410,118 +262,3 @@ def run_hacking(hack: RLStage) -> dict:
         result["better_answer_rate"] = before_after(start, end, "better_answer_rate")
     update_metrics(profile, rlhf={"hacking": result})
     return result
-
-
-# --- checks -----------------------------------------------------------------------------------------------
-
-
-def failures(profile: Profile, rlhf: dict) -> list[str]:
-    """What the RL stage must show (empty when all hold): the reference is the start model (KL exactly 0 at step
-    0); RL raised the reward model's held-out score; with a code judge, RL did not lower the better-answer rate;
-    and the hacking run raised its proxy while the truth got worse: the code judge's rate fell, or without a code
-    judge, the score of the reward model it did not optimise."""
-    found = []
-    if rlhf["step0_kl_nats"] != 0.0:
-        found.append(f"the KL to the reference is {rlhf['step0_kl_nats']:g} before training, not exactly 0")
-    proxy = rlhf["proxy_reward"]
-    if not proxy["rl"] > proxy["sft"]:
-        found.append(f"RL did not raise the reward model's held-out score: {proxy['sft']:.3f} → {proxy['rl']:.3f}")
-    rate = rlhf["better_answer_rate"] if profile.code_judge else None
-    if rate and rate["rl"] < rate["sft"]:
-        found.append(f"RL lowered the better-answer rate: {rate['sft']:.3f} → {rate['rl']:.3f}")
-    hacking = rlhf.get("hacking")
-    if hacking:
-        hacked = hacking["proxy_reward"]
-        if not hacked["rl"] > hacked["sft"]:
-            found.append(f"the hacking run did not raise its proxy: {hacked['sft']:.3f} → {hacked['rl']:.3f}")
-        key = "better_answer_rate" if profile.code_judge else "reward_model_score"
-        truth = hacking[key]
-        if not truth["rl"] < truth["sft"]:
-            found.append(f"the hacking run did not lower the {key}: {truth['sft']:.3f} → {truth['rl']:.3f}")
-    return found
-
-
-# --- pictures and tables ----------------------------------------------------------------------------------
-
-CURVES = (  # panel title, training-batch key (TRL's log), held-out key (HeldOutCurve)
-    ("proxy reward (what RL maximises)", "reward", "proxy_reward"),
-    ("reward-model score, held-out", None, "reward_model_score"),
-    ("better-answer rate, held-out (code judge)", None, "better_answer_rate"),
-    ("KL to the reference, held-out (nats per answer)", None, "kl_nats"),
-    ("answer length (tokens)", "completions/mean_length", "mean_response_tokens"),
-    ("share cut at the length limit", "completions/clipped_ratio", "cut_share"),
-)
-
-
-def plot_rl_curves(history: list[dict], start: dict, title: str) -> Figure:
-    """The RL curves over optimizer steps: the training batches' values as TRL logs them (line) and the
-    held-out readings (dots; step 0 is `start`), one panel per quantity of `CURVES` that was measured."""
-    readings = [{"step": 0} | start, *heldout_readings(history)]
-    panels = [c for c in CURVES if c[2] in readings[-1]]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 6.4))
-    for ax, (name, batch_key, heldout_key) in zip(axes.flat, panels, strict=False):
-        if batch_key:
-            ax.plot(*plots.series(history, batch_key), color="C0", alpha=0.6, label="training batches")
-        ax.plot([r["step"] for r in readings], [r[heldout_key] for r in readings], "o-", color="C1", label="held out")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if batch_key:
-            ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
-
-
-TABLE_COLUMNS = {  # column header: (metrics section, key); the section "eval" is read per model
-    "better-answer rate": ("eval", "better_answer_rate"),
-    "reward-model score": ("eval", "reward_model_score_mean"),
-    "win rate vs SFT": ("eval", "win_rate_vs_sft"),
-    "mean tokens": ("eval", "mean_response_tokens"),
-    "training s": ("stage", "train_seconds"),
-    "peak memory GiB": ("stage", "peak_memory_gib"),
-}
-STAGE_SECTIONS = {"sft": "sft", "dpo": "dpo", "rl": "rlhf"}  # the metrics section that holds each model's training
-
-
-def comparison_table(profile: Profile) -> str:
-    """A markdown table of the models in metrics.json's `eval` section: the held-out numbers of notebook 05's
-    comparison and each stage's training cost (– where a number was not recorded)."""
-    metrics = read_metrics(profile)
-    models = [m for m in MODELS if m in metrics.get("eval", {})]
-    lines = ["| model | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for model in models:
-        cells = []
-        for section, key in TABLE_COLUMNS.values():
-            source = metrics["eval"][model] if section == "eval" else metrics.get(STAGE_SECTIONS.get(model), {})
-            value = source.get(key)
-            cells.append("–" if value is None else f"{value:.3g}" if section == "stage" else f"{value:.3f}")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def draw_rloo_loop(path: str | Path | None = None) -> Figure:
-    """RLHF with RLOO: the policy samples k answers, the reward model scores them, the KL to the frozen reference
-    is subtracted, the other answers' mean is the baseline, and the advantage updates the policy."""
-    advantage = "$A_i = R_i - \\mathrm{mean}_{j \\ne i}\\, R_j$"
-    boxes = {
-        "prompts": Box(2.0, 4.9, "Prompts $x$\n(training problems)", "data"),
-        "policy": Box(6.5, 4.9, "Policy $\\pi_\\theta$ samples\n$y_1, \\dots, y_k$ for each $x$", "model"),
-        "rm": Box(11.0, 4.9, "Reward model\n$r_\\phi(x, y_i)$", "frozen"),
-        "ref": Box(6.5, 2.8, "Reference $\\pi_{\\mathrm{ref}}$\n(frozen copy of the start)", "frozen"),
-        "reward": Box(11.0, 2.8, "$R_i = r_\\phi(x, y_i) - \\beta\\,\\mathrm{KL}_i$", "training"),
-        "update": Box(2.0, 0.8, f"{advantage}\nraise $\\log \\pi_\\theta(y_i|x)$\nin proportion to $A_i$", "training"),
-    }  # fmt: skip
-    arrows = [
-        Arrow("prompts", "policy"),
-        Arrow("policy", "rm", "answers $y_i$"),
-        Arrow("policy", "ref", "$y_i$"),
-        Arrow("rm", "reward", "score"),
-        Arrow("ref", "reward", "$\\mathrm{KL}_i$"),
-        Arrow("reward", "update", "baseline: the\nother answers"),
-        Arrow("update", "policy", "update $\\theta$", dashed=True),
-    ]
-    return _save(_draw(boxes, arrows, "RLHF with RLOO: no value model", (13.0, 5.8)), path)

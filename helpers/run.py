@@ -1,6 +1,7 @@
 """The main job: run the notebook series in order, keep executed copies (and HTML), then write the report.
 
     python -m helpers.run            # or: make run
+    python -m helpers.run 06 07      # only these notebooks (what they need is trained first when missing)
 
 Settings come from the `TUTORIAL_*` variables (README's table; `helpers.environment`). Executed notebooks
 go to `outputs/<profile>/notebooks/`, the numbers to `outputs/<profile>/metrics.json` and `report.md`.
@@ -28,9 +29,14 @@ MAX_NOISE_LINES = 50  # progress bars and warnings an executed notebook may show
 NOISE = re.compile(r"\d+%\||it/s|s/it|examples/s|Warning|warn\(")
 
 
-def series() -> list[Path]:
-    """The numbered notebooks, in order."""
-    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+def series(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks, in order; with `only`, those whose name starts with one of them (e.g. "06")."""
+    notebooks = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    chosen = [p for p in notebooks if not only or any(p.name.startswith(o) for o in only)]
+    if only and not chosen:
+        names = ", ".join(p.name for p in notebooks)
+        raise SystemExit(f"No notebook starts with {' or '.join(only)}; they are {names}.")
+    return chosen
 
 
 def execute_notebook(path: Path, out_dir: Path) -> Path:
@@ -80,15 +86,21 @@ def pin_settings(profile: Profile) -> None:
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from nbclient.exceptions import CellExecutionError
+
+    parser = argparse.ArgumentParser(prog="python -m helpers.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("only", nargs="*", help="run only these notebooks, by number (e.g. 06 07); default: all")
+    args = parser.parse_args(argv)
 
     profile = load_profile()
     print(profile.describe())
     check_environment(profile)  # before any notebook starts, not an hour into one
     pin_settings(profile)
     out_dir = profile.output_dir / "notebooks"
-    notebooks = series()
+    notebooks = series(args.only)
     progress = tqdm(notebooks, desc="notebooks", unit="nb")
     for path in progress:
         progress.set_postfix_str(path.name)

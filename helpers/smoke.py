@@ -310,14 +310,14 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build_smoke_world(seed: int, force: bool = False) -> Path:
-    """Build (or reuse) the smoke world for `seed`; return its folder.
+def build_smoke_world(seed: int, force: bool = False, world: Path | None = None) -> Path:
+    """Build (or reuse) the smoke world for `seed` in `world` (default `smoke_world_dir(seed)`); return its folder.
 
     The folder holds `base-model/` (weights and tokenizer), `finetome-smoke.jsonl` and
     `orpo-dpo-mix-smoke.jsonl`. It is written to a temporary folder and renamed at the end, so an interrupted
     build never leaves a half world behind.
     """
-    world = smoke_world_dir(seed)
+    world = world or smoke_world_dir(seed)
     world.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(world) + ".lock"):  # two processes asking at once: one builds, the other waits
         if (world / "DONE").exists() and not force:

@@ -65,7 +65,9 @@ def split_sft(dataset: Any, profile: Profile) -> tuple[Any, Any]:
     """(train, eval) of `{"messages"}` rows: a conversation asking any held-out problem is held out."""
     key, cut = key_function(profile.data.heldout_key), profile.data.eval_fraction
     held = [any(unit_hash(k, profile.seed) < cut for k in user_keys(row, key)) for row in dataset["messages"]]
-    return select(dataset, [not h for h in held]), select(dataset, held)
+    train, held_out = select(dataset, [not h for h in held]), select(dataset, held)
+    require_rows({"sft-train": train}, len(dataset), profile)
+    return train, held_out
 
 
 def split_preferences(dataset: Any, profile: Profile) -> tuple[Any, Any, Any]:
@@ -80,7 +82,21 @@ def split_preferences(dataset: Any, profile: Profile) -> tuple[Any, Any, Any]:
             parts.append("reward")
         else:
             parts.append("train")
-    return tuple(select(dataset, [p == part for p in parts]) for part in ("train", "reward", "eval"))
+    train, reward, held_out = (select(dataset, [p == part for p in parts]) for part in ("train", "reward", "eval"))
+    require_rows({"dpo-train": train, "eval": held_out}, len(dataset), profile)
+    return train, reward, held_out
+
+
+def require_rows(parts: dict[str, Any], rows: int, profile: Profile) -> None:
+    """Raise ValueError, saying what to change, when a split the stages need came out empty (a dataset of few
+    rows, or few distinct problems, against `eval_fraction`)."""
+    empty = [name for name, part in parts.items() if len(part) == 0]
+    if empty:
+        raise ValueError(
+            f"The {' and '.join(empty)} split is empty: {rows} rows split by problem with eval_fraction "
+            f"{profile.data.eval_fraction} (seed {profile.seed}). Use more rows (max_sft_rows, max_preference_rows) "
+            "or change eval_fraction in a TUTORIAL_SETTINGS file."
+        )
 
 
 def select(dataset: Any, keep: list[bool]) -> Any:

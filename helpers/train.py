@@ -1,8 +1,8 @@
-"""Build TRL's SFT and DPO trainers with the callbacks this project adds, and run them resumably."""
+"""Build TRL's SFT and DPO trainers with the callbacks this project adds (`helpers.callbacks`), and run them
+resumably."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import Sampler
 
 import helpers.backend  # noqa: F401  (Unsloth, when selected, patches transformers and trl first)
-from helpers.checkpoints import CHECKPOINT_DONE, discard_stale_checkpoints, resume_point
+from helpers.callbacks import attach_callbacks
+from helpers.checkpoints import discard_stale_checkpoints, resume_point
 from helpers.config import Profile
 from helpers.distributed import split_batch, world_size
-from helpers.memory import MemoryCallback
 from helpers.tracking import report_to
 from helpers.workarounds import (
     complete_reference_adapter,
@@ -22,69 +22,6 @@ from helpers.workarounds import (
     keep_adapter_dtypes_on_resume,
     restore_trained_adapter,
 )
-
-from transformers import TrainerCallback  # isort: skip  (after helpers.backend)
-
-
-# --- callbacks --------------------------------------------------------------------------------------------
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; nothing was saved."""
-
-
-class NonFiniteLossGuard(TrainerCallback):
-    """Stops training at the first NaN/inf loss or gradient norm, naming the step and the likely causes.
-
-    Losses are only seen every `logging_steps`, so the trainable weights are also checked before a checkpoint
-    is marked complete and when training ends: a NaN after the last log never reaches a checkpoint that
-    resume would load, nor the saved adapter.
-    """
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                raise NonFiniteLossError(non_finite_message(f"{key} is {value}", state.global_step, args))
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        check_weights(model, state.global_step, args)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        check_weights(model, state.global_step, args)
-
-
-def non_finite_message(what: str, step: int, args: Any) -> str:
-    return (
-        f"{what} at step {step}: training stopped and no adapter was saved. Likely causes: learning rate too "
-        f"high (now {args.learning_rate:g}), fp16 overflow (use bf16), or a broken batch (run `python -m "
-        "helpers.data check`). Lower the learning rate and run again."
-    )
-
-
-def check_weights(model: Any, step: int, args: Any) -> None:
-    """Raise NonFiniteLossError when a trainable weight holds a NaN or an infinity."""
-    for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(param).all():
-            raise NonFiniteLossError(non_finite_message(f"weight {name} is not finite", step, args))
-
-
-class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it, so resume never loads half a one."""
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if args.should_save and folder.is_dir():  # the process that wrote it (one under `accelerate launch`)
-            (folder / CHECKPOINT_DONE).write_text(str(state.global_step))
-
-
-def attach_callbacks(trainer: Any) -> Any:
-    """Add our callbacks; memory first, so W&B's callback sees the readings it adds to each log."""
-    trainer.callback_handler.callbacks.insert(0, MemoryCallback())
-    trainer.add_callback(NonFiniteLossGuard())
-    trainer.add_callback(CheckpointMarker())
-    return trainer
-
 
 # --- batching ---------------------------------------------------------------------------------------------
 

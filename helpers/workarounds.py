@@ -122,6 +122,28 @@ def complete_reference_adapter(model: Any) -> int:
     return copied
 
 
+# --- peft 0.21: TRL's frozen "ref" adapter keeps trainable token rows ----------------------------------------
+
+
+def freeze_reference_adapter(model: Any) -> int:
+    """Freeze every weight of TRL's frozen "ref" adapter; return how many were still trainable.
+
+    What breaks: TRL adds the "ref" adapter with `add_adapter`, and peft 0.21 leaves the new adapter's trainable
+    token rows (`...trainable_tokens_delta.ref`, from `LoraSettings.trainable_tokens`) trainable: its wrapper's
+    `set_adapter` "only deals with active_adapters, not with requires_grad" (peft/utils/other.py). They get no
+    gradient, so training is unchanged, but the optimizer holds them; on resume the Trainer reloads "ref" frozen,
+    the optimizer's parameter groups no longer match the checkpoint's, and resuming fails with "loaded state dict
+    contains a parameter group that doesn't match the size of optimizer's group". Switching adapters once (peft's
+    `set_adapter`, as `use_adapter` does) freezes them too, which is why DPO, whose "ref" adapter is made the same
+    way, resumes: `measure_dpo_start` switches before training. Not reported upstream as of 2026-11-30; remove when
+    peft freezes a non-active adapter's rows.
+    """
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and (".ref." in n or n.endswith(".ref"))]
+    for param in trainable:
+        param.requires_grad_(False)
+    return len(trainable)
+
+
 # --- peft 0.21 + transformers 5.17: resuming a LoRA run changes it ------------------------------------------
 
 

@@ -17,9 +17,10 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from helpers import data
+from helpers import data, data_files, data_rows
 from helpers.chat import apply_llama31_template
-from helpers.data import DataError, load_examples
+from helpers.data import load_examples
+from helpers.data_files import DataError
 
 TOXIC_REASON = "source toxic-dpo-v0.2 (dropped as the dataset card asks)"
 
@@ -192,7 +193,7 @@ def test_explicit_prompt_messages_are_joined_to_the_answers(tmp_path):
 
 def test_hub_ids_go_to_the_hub_and_paths_do_not(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(data, "read_hub", lambda source: asked.append(source) or [(1, GOOD_SFT)])
+    monkeypatch.setattr(data_files, "read_hub", lambda source: asked.append(source) or [(1, GOOD_SFT)])
     load_examples("mlabonne/FineTome-100k", "sft")
     assert asked == ["mlabonne/FineTome-100k"]
     with pytest.raises(DataError, match="no such file"):
@@ -302,7 +303,7 @@ def test_cli_as_a_command_fails_without_a_traceback(tmp_path):
 
 # --- the chat format: literal special tokens drop the row, an empty system turn is removed ---------------------
 
-SPECIAL = data.SPECIAL_TOKEN_TEXT
+SPECIAL = data_rows.SPECIAL_TOKEN_TEXT
 CONTROL = "it would become a control token"
 
 
@@ -376,7 +377,7 @@ def test_an_empty_system_turn_is_removed_and_the_row_kept(tmp_path):
     examples, report = load_examples(str(write_jsonl(tmp_path / "rows.jsonl", *rows)), "sft")
     assert [ex["messages"][0]["role"] for ex in examples] == ["user", "user"]
     assert report.rows_usable == 2 and report.dropped == {"is empty": 2}
-    assert report.modified == {data.EMPTY_SYSTEM_TURN: 2}
+    assert report.modified == {data_rows.EMPTY_SYSTEM_TURN: 2}
     assert report.changes == [
         (1, "empty system turn removed: 'conversations' message 1; the row is kept"),
         (3, "empty system turn removed: 'conversations' message 1; the row is kept"),
@@ -397,7 +398,7 @@ def test_chosen_and_rejected_lose_the_same_empty_system_turn(tmp_path):
     examples, report = load_examples(str(write_jsonl(tmp_path / "p.jsonl", both, only_chosen, explicit)), "preference")
     expected = load_examples(str(write_jsonl(tmp_path / "ref.jsonl", GOOD_PREFERENCE)), "preference")[0][0]
     assert examples == [expected] * 3 and not report.dropped
-    assert report.modified == {data.EMPTY_SYSTEM_TURN: 3}  # rows, not turns
+    assert report.modified == {data_rows.EMPTY_SYSTEM_TURN: 3}  # rows, not turns
     assert [text.split(": ", 1)[1] for _, text in report.changes] == [
         "'chosen' message 1, 'rejected' message 1; the row is kept",
         "'chosen' message 1; the row is kept",

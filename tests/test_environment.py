@@ -47,7 +47,7 @@ def test_every_variable_has_a_default_and_a_malformed_case():
 
 @pytest.mark.parametrize("name", sorted(KNOWN))
 def test_default(name, monkeypatch):
-    monkeypatch.delenv("TUTORIAL_CACHE", raising=False)  # `config.cache_root()` reads it from the process
+    monkeypatch.delenv("TUTORIAL_CACHE", raising=False)  # the default: `.cache/`, not the test run's folder
     assert DEFAULTS[name](load_profile({}))
 
 
@@ -102,6 +102,12 @@ def test_cache_variable_moves_the_smoke_world(tmp_path, monkeypatch):
     monkeypatch.setenv("TUTORIAL_CACHE", str(tmp_path))
     assert cache_root() == tmp_path
     assert Path(smoke_profile(5).model_id).is_relative_to(tmp_path)
+
+
+def test_cache_variable_is_read_from_the_environment_given(tmp_path, monkeypatch):
+    monkeypatch.delenv("TUTORIAL_CACHE", raising=False)
+    profile = load_profile({"TUTORIAL_PROFILE": "smoke", "TUTORIAL_CACHE": str(tmp_path)})
+    assert Path(profile.model_id).is_relative_to(tmp_path)
 
 
 # --- the settings file ------------------------------------------------------------------------------------

@@ -102,20 +102,25 @@ def test_an_unknown_gpus_note_is_printed():
 
 
 def test_generation_takes_the_measured_decode_step_unless_reading_the_weights_takes_longer():
-    step_16, step_64 = 16 / 190, 64 / 576  # seconds a step at the measured batch sizes
-    assert estimates.generation_s(64, 256, 16, A100_40GB) == pytest.approx(4 * 256 * step_16)
-    assert estimates.generation_s(64, 256, 64, A100_40GB) == pytest.approx(256 * step_64)
-    assert estimates.generation_s(3, 100, 1, H200) == pytest.approx(3 * 100 * step_16)  # batch 1: batch 16's step
-    slow = GPU("slow", 100, 0.02)  # 5.7 GB at 20 GB/s: 0.285 s a step
-    assert estimates.generation_s(16, 10, 16, slow) == pytest.approx(10 * 5.7 / 20)
+    rates = {16: 1_000.0, 64: 3_200.0}
+    step_16, step_64 = 16 / 1_000, 64 / 3_200  # seconds a step at the measured batch sizes
+    assert estimates.generation_s(64, 256, 16, A100_40GB, rates) == pytest.approx(4 * 256 * step_16)
+    assert estimates.generation_s(64, 256, 64, A100_40GB, rates) == pytest.approx(256 * step_64)
+    assert estimates.generation_s(3, 100, 1, H200, rates) == pytest.approx(3 * 100 * step_16)  # batch 1: 16's step
+    slow = GPU("slow", 100, 0.2)  # 15 GB at 200 GB/s: 0.075 s a step
+    assert estimates.generation_s(16, 10, 16, slow, rates) == pytest.approx(10 * 15 / 200)
+
+
+def test_generation_rates_are_the_merged_samplers_measured_ones():
+    assert estimates.generation_rates() == {64: 4636.3}  # benchmarks/results/h200-sampling.json
 
 
 def test_rl_step_is_sampling_plus_training_and_scoring():
     estimate = estimates.rl(20, 16, 200.0, 256, A100_40GB, RATES)
-    sampling = 256 * 16 / 190
+    sampling = 256 * 64 / 4636.3  # a batch of 16 decodes at batch 64's step
     training = 16 * 456 * (1 / 5_000 + 1 / estimates.REWARD_TOKENS_PER_S) * A100_40GB.slowdown()
     assert estimate.seconds == pytest.approx(20 * (sampling + training))
-    assert estimate.peak_gib == pytest.approx(14.0 + 15e9 / 2**30)
+    assert estimate.peak_gib == 52.6651  # notebook 06 in benchmarks/results/h200-main-job.json
 
 
 def trainer(columns: dict, epochs: float = 1.0, max_steps: int = -1) -> SimpleNamespace:
@@ -135,7 +140,9 @@ def test_before_training_reads_the_tokenized_rows():
     assert capped.seconds == pytest.approx(5 * 4 * 2 * 1524 / estimates.measured_rates().sft_tokens_per_s)
 
 
-def test_weights_size_is_notebook_01s_arithmetic():
-    from helpers.theory import quantized_memory_gb
+def test_decode_read_is_the_bf16_linear_layers_and_lm_head():
+    from helpers.qlora import LLAMA_31_8B, linear_shapes
 
-    assert round(quantized_memory_gb()["total"], 1) == estimates.WEIGHTS_4BIT_GB
+    linear = sum(i * o for i, o in linear_shapes(LLAMA_31_8B).values()) * LLAMA_31_8B.num_hidden_layers
+    lm_head = LLAMA_31_8B.vocab_size * LLAMA_31_8B.hidden_size
+    assert round(2 * (linear + lm_head) / 1e9, 1) == estimates.DECODE_READ_GB

@@ -8,7 +8,8 @@ import torch
 
 from helpers import experiments, pipeline
 from helpers.model import load_for_training
-from helpers.theory import toy_token_logps, trl_batch_loss
+from helpers.theory import toy_token_logps
+from helpers.trl_loss import trl_batch_loss
 
 
 @pytest.mark.parametrize("loss_type", experiments.LOSS_TYPES.values(), ids=experiments.LOSS_TYPES)

@@ -11,8 +11,8 @@ import torch
 from transformers import TrainerCallback
 
 from helpers import pipeline, train
+from helpers.callbacks import NonFiniteLossError
 from helpers.checkpoints import complete_checkpoints
-from helpers.train import NonFiniteLossError
 
 
 class PoisonWeights(TrainerCallback):

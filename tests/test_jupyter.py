@@ -153,7 +153,8 @@ def test_theory_notebook_runs_in_a_lab_kernel(lab):
     ]
     assert cells, f"{THEORY_NOTEBOOK} has no code cells"
     # The kernel starts in notebooks/, as when the notebook is opened in the lab.
-    kernel = lab.api("POST", "/api/kernels", {"name": "python3", "path": "notebooks"})
+    declared = notebook["metadata"]["kernelspec"]["name"]  # registered by `make setup`: the lab must know it
+    kernel = lab.api("POST", "/api/kernels", {"name": declared, "path": "notebooks"})
     ws = websocket.create_connection(
         f"ws://127.0.0.1:{lab.port}/api/kernels/{kernel['id']}/channels?token={lab.token}",
         timeout=CELL_TIMEOUT_S,
@@ -169,3 +170,16 @@ def test_theory_notebook_runs_in_a_lab_kernel(lab):
     finally:
         ws.close()
         lab.api("DELETE", f"/api/kernels/{kernel['id']}")
+
+
+def test_notebooks_declare_the_kernel_that_setup_registers():
+    import json
+    import re
+
+    declared = {
+        json.loads(p.read_text())["metadata"]["kernelspec"]["name"]
+        for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb")
+    }
+    brev = re.search(r"^KERNEL_NAME=(\S+)$", (PROJECT_ROOT / "deploy" / "brev-setup.sh").read_text(), re.M).group(1)
+    make = re.search(r"ipykernel install --sys-prefix --name (\S+)", (PROJECT_ROOT / "Makefile").read_text()).group(1)
+    assert declared == {brev} == {make}

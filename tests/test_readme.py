@@ -59,7 +59,7 @@ def test_the_launchable_gpu_is_the_40_gb_a100():
     assert "instance_type: a2-highgpu-1g:nvidia-tesla-a100:1" in launchable  # a2-highgpu: A100 40 GB
     assert "80 GB" not in README.split("## Run on Brev")[1].split("**How long.**")[1].split("**Publishing")[0]
     peaks = ESTIMATE["profiles"]["quick"]["peak_gib"]
-    assert f"about {peaks['rl (assumed)']} GiB by the estimate" in PROSE
+    assert f"{peaks['rl']} GiB measured on the H200" in PROSE
 
 
 def test_quick_sizes_are_the_profile_s():
@@ -71,3 +71,11 @@ def test_quick_sizes_are_the_profile_s():
 def test_quick_start_is_two_commands():
     block = README.split("## Quick start")[1].split("```bash\n")[1].split("```")[0]
     assert [line.split("#")[0].strip() for line in block.splitlines()] == ["make run", "make test"]
+
+
+@pytest.mark.parametrize("number", ["02", "03", "04", "05", "06", "07"])
+def test_each_gpu_notebook_states_its_estimate(number):
+    notebook = json.loads(next((PROJECT_ROOT / "notebooks").glob(f"{number}_*.ipynb")).read_text())
+    intro = " ".join("".join(notebook["cells"][0]["source"]).split())
+    quick, full = (duration(ESTIMATE["profiles"][p]["minutes_by_notebook"][number]) for p in ("quick", "full"))
+    assert f"`quick` (the default on a GPU) about {quick}, `full` about {full}." in intro

@@ -36,11 +36,11 @@ TESTS_DIR = Path(__file__).parent
 CHILD = (
     "import sys, warnings; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
     "warnings.filterwarnings('error', '.*an autograd kernel was not registered', UserWarning); "  # as pyproject's
-    "from test_resume import short_profile; from helpers import pipeline, train; "
+    "from test_resume import short_profile; from helpers import callbacks, pipeline; "
     # Pause after each checkpoint is marked complete, so the signal lands mid-run however fast the machine is (12
     # steps take under a second on an idle CPU: the run could end before the parent's signal arrives).
-    "mark = train.CheckpointMarker.on_save; "
-    "train.CheckpointMarker.on_save = lambda self, *a, **k: (mark(self, *a, **k), __import__('time').sleep(5)); "
+    "mark = callbacks.CheckpointMarker.on_save; "
+    "callbacks.CheckpointMarker.on_save = lambda self, *a, **k: (mark(self, *a, **k), __import__('time').sleep(5)); "
     "getattr(pipeline, 'run_' + sys.argv[3])(short_profile(Path(sys.argv[2])))"
 )
 
@@ -127,6 +127,6 @@ def test_interrupted_dpo_resumes_to_the_same_adapter(uninterrupted, capsys):
     resumed = interrupt_and_resume(profile, "dpo", signal.SIGKILL, capsys)
     difference = max_difference(resumed, weights)
     assert difference <= ATOL, f"resumed adapter differs from the uninterrupted one by {difference:g}"
-    cost = ("train_seconds", "peak_memory_gib")  # what the run cost differs between runs; what it learned must not
+    cost = pipeline.COST_KEYS  # what the run cost differs between runs; what it learned must not
     result = {k: v for k, v in read_metrics(profile)["dpo"].items() if k not in cost}
     assert result == {k: v for k, v in expected.items() if k not in cost}  # the same rewards, too

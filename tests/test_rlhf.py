@@ -11,9 +11,10 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from helpers import pipeline, reward, rlhf
+from helpers import pipeline, report, reward, rl_heldout, rl_proxy, rlhf
 from helpers.chat import EOT
 from helpers.checkpoints import is_current
+from helpers.checks import rl_failures
 from helpers.evaluate import Generations
 from helpers.metrics import read_metrics, update_metrics
 from helpers.model import load_for_training
@@ -21,9 +22,9 @@ from helpers.model import load_for_training
 
 def test_the_length_proxy_counts_the_same_tokens_in_training_and_held_out():
     eot = 7  # any id: TRL's completion ids end with the stop token when the answer ended by itself
-    assert rlhf.length_reward([[1, 2, 3, eot], [1, 2, 3, 4, 5]]) == [4.0, 5.0]
+    assert rl_proxy.length_reward([[1, 2, 3, eot], [1, 2, 3, 4, 5]]) == [4.0, 5.0]
     gens = Generations(texts=["a b c", "a b c d e"], num_tokens=[3, 5], stopped=[True, False])
-    assert rlhf.LENGTH_PROXY.score([[], []], gens) == [4.0, 5.0]
+    assert rl_proxy.LENGTH_PROXY.score([[], []], gens) == [4.0, 5.0]
 
 
 def test_rloo_config_writes_out_what_unsloth_would_change(tmp_profile):
@@ -42,7 +43,7 @@ def test_rloo_config_writes_out_what_unsloth_would_change(tmp_profile):
 
 def test_heldout_readings_keep_the_step_and_drop_the_prefix():
     history = [{"loss": 0.0, "step": 5}, {"heldout/kl_nats": 0.5, "reward": 1.0, "step": 10}, {"step": 12}]
-    assert rlhf.heldout_readings(history) == [{"step": 10, "kl_nats": 0.5}]
+    assert rl_heldout.heldout_readings(history) == [{"step": 10, "kl_nats": 0.5}]
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_the_trainer_scores_answers_as_reward_score_does_and_freezes_its_referen
         model,
         tokenizer,
         Dataset.from_dict({"prompt": prompts}),
-        rlhf.reward_model_proxy(judge, judge_tokenizer),
+        rl_proxy.reward_model_proxy(judge, judge_tokenizer),
     )
     completions = [[{"role": "assistant", "content": a}] for a in answers]
     ids = [tokenizer(a + EOT, add_special_tokens=False)["input_ids"] for a in answers]
@@ -85,16 +86,20 @@ def test_failures_name_what_went_wrong():
         "kl_final": 0.6,
         "hacking": {"proxy_reward": {"sft": 20.0, "rl": 30.0}, "better_answer_rate": {"sft": 0.4, "rl": 0.1}},
     }
-    profile = SimpleNamespace(code_judge=True)
-    assert rlhf.failures(profile, good) == []
+    profile = SimpleNamespace(code_judge=True, random_weights=False)
+    assert rl_failures(profile, good) == []
     worse = good | {"better_answer_rate": {"sft": 0.4, "rl": 0.3}, "step0_kl_nats": 1e-6}
-    found = rlhf.failures(profile, worse)
+    found = rl_failures(profile, worse)
     assert len(found) == 2 and "KL" in found[0] and "lowered the better-answer rate" in found[1]
     harmless = good | {"hacking": good["hacking"] | {"better_answer_rate": {"sft": 0.4, "rl": 0.5}}}
-    assert rlhf.failures(profile, harmless) == ["the hacking run did not lower the better_answer_rate: 0.400 → 0.500"]
+    assert rl_failures(profile, harmless) == ["the hacking run did not lower the better_answer_rate: 0.400 → 0.500"]
     no_judge = {k: v for k, v in good.items() if k != "better_answer_rate"}
     no_judge["hacking"] = {"proxy_reward": {"sft": 20.0, "rl": 30.0}, "reward_model_score": {"sft": -1.0, "rl": 0.0}}
-    assert "reward_model_score" in rlhf.failures(SimpleNamespace(code_judge=False), no_judge)[0]
+    assert "reward_model_score" in rl_failures(SimpleNamespace(code_judge=False, random_weights=False), no_judge)[0]
+    # random weights (the benchmarks' 8B stand-ins): only the invariant is asserted
+    random = SimpleNamespace(code_judge=False, random_weights=True)
+    assert rl_failures(random, no_judge | {"proxy_reward": {"sft": 1.0, "rl": 0.0}}) == []
+    assert "KL" in rl_failures(random, no_judge | {"step0_kl_nats": 1e-6})[0]
 
 
 def test_comparison_table_marks_what_was_not_recorded(tmp_profile):
@@ -103,7 +108,7 @@ def test_comparison_table_marks_what_was_not_recorded(tmp_profile):
         for m in ("sft", "rl")
     }
     update_metrics(tmp_profile, eval=evaluation, rlhf={"train_seconds": 12.5, "peak_memory_gib": 1.25})
-    lines = rlhf.comparison_table(tmp_profile).splitlines()
+    lines = report.comparison_table(tmp_profile).splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| sft", "| rl"]
     assert lines[2].endswith("| 0.500 | 0.100 | – | 6.000 | – | – |")
     assert lines[3].endswith("| 12.5 | 1.25 |")
@@ -131,7 +136,7 @@ def test_rl_starts_at_its_reference_logs_its_curve_and_records(short_rl):
     start = rlhf.measure_rl_start(stage)
     assert start["kl_nats"] == 0.0  # exactly: the reference is a complete copy of the start adapter
     pipeline.train_and_save(stage)
-    readings = rlhf.heldout_readings(stage.trainer.state.log_history)
+    readings = rl_heldout.heldout_readings(stage.trainer.state.log_history)
     assert [r["step"] for r in readings] == [2, 4]
     assert readings[-1]["kl_nats"] != 0.0  # the policy moved away from the reference
     assert is_current(short_rl.rl_adapter_dir, short_rl, "rl")

@@ -152,7 +152,7 @@ def test_an_rloo_step_samples_through_the_sampler(smoke_world, tmp_path):
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
-    from helpers.sampling import FastSamplingMixin
+    from helpers.rollouts import FastSamplingMixin
     from helpers.workarounds import install_cpu_logprob_fallback
 
     install_cpu_logprob_fallback()

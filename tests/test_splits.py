@@ -103,5 +103,13 @@ def test_sft_conversation_asking_a_held_out_problem_anywhere_is_held_out(tmp_pat
         {"role": "user", "content": held.lower()},
         {"role": "assistant", "content": "b"},
     ]
-    train, evaluation = splits.split_sft(to_dataset([{"messages": conversation}]), profile)
-    assert (len(train), len(evaluation)) == (0, 1)
+    other = [{"role": "user", "content": kept}, {"role": "assistant", "content": "c"}]
+    train, evaluation = splits.split_sft(to_dataset([{"messages": conversation}, {"messages": other}]), profile)
+    assert (len(train), len(evaluation)) == (1, 1) and evaluation[0]["messages"] == conversation
+
+
+def test_an_empty_split_is_refused_with_what_to_change(tmp_path):
+    profile = replace(full_profile(), outputs_root=str(tmp_path))
+    profile = replace(profile, data=replace(profile.data, eval_fraction=0.0))  # nothing held out
+    with pytest.raises(ValueError, match=r"The eval split is empty: 3 rows .* eval_fraction 0.0"):
+        splits.split_preferences(to_dataset([pair(f"Question {i}?") for i in range(3)]), profile)

@@ -9,17 +9,9 @@ import torch
 from helpers import plots
 from helpers.diagrams import draw_rlhf_pipeline, plot_dpo_loss_vs_margin
 from helpers.memory import MemoryCallback
-from helpers.theory import (
-    dpo_loss,
-    nf4_levels,
-    nf4_quantize,
-    optimise_margin,
-    rpo_loss,
-    summed_logps,
-    token_mean_nll,
-    toy_token_logps,
-    trl_batch_loss,
-)
+from helpers.qlora import nf4_levels, nf4_quantize
+from helpers.theory import dpo_loss, optimise_margin, rpo_loss, summed_logps, token_mean_nll, toy_token_logps
+from helpers.trl_loss import trl_batch_loss
 
 
 def batch(n: int = 24, seed: int = 0, policy_shift: float = 0.0):

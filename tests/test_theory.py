@@ -1,4 +1,4 @@
-"""helpers.theory and helpers.diagrams: DPO loss, RLHF optimum, LoRA counts, 4-bit memory, pictures."""
+"""helpers.theory, trl_loss, qlora and diagrams: DPO loss, RLHF optimum, LoRA counts, 4-bit memory, pictures."""
 
 import math
 
@@ -7,20 +7,17 @@ import torch
 
 from helpers.config import LORA_TARGET_MODULES
 from helpers.diagrams import draw_dpo_pipeline, draw_rlhf_pipeline, draw_sft_pipeline, plot_dpo_loss_vs_margin
-from helpers.theory import (
+from helpers.qlora import (
     LLAMA_31_8B,
     ModelShapes,
-    bradley_terry_prob,
-    dpo_loss,
-    kl_regularised_objective,
     lora_trainable_params,
     nf4_bytes,
-    optimal_policy,
     peft_lora_param_counts,
     quantized_memory_gb,
     total_params,
-    trl_dpo_loss,
 )
+from helpers.theory import bradley_terry_prob, dpo_loss, kl_regularised_objective, optimal_policy
+from helpers.trl_loss import trl_dpo_loss
 
 
 def random_logps(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:

@@ -142,3 +142,14 @@ def test_the_notebooks_run_meets_the_profile_expectations(session_outputs, smoke
     failures += checks.eval_failures(profile, evaluation) + checks.reward_model_failures(profile, evaluation)
     failures += checks.split_failures(metrics["splits"])
     assert not failures, failures
+
+
+def test_the_notebook_training_table_keeps_its_last_rows():
+    from types import SimpleNamespace
+
+    from helpers.callbacks import ShortTrainingTable
+
+    table = ShortTrainingTable(rows=3)
+    table.training_tracker = SimpleNamespace(inner_table=[["Step", "Loss"], [1, 0.9], [2, 0.8], [3, 0.7], [4, 0.6]])
+    table._trim()
+    assert table.training_tracker.inner_table == [["Step", "Loss"], [3, 0.7], [4, 0.6]]  # and the next one: 3 rows
