@@ -113,6 +113,9 @@ def parse_prompt(prompt: str) -> tuple[int, int] | None:
     return (int(numbers[0]), int(numbers[1])) if len(numbers) == 2 else None
 
 
+TOY_PROBLEMS = tuple(f"{a}+{b}" for a in range(10) for b in range(a, 10))  # every `problem_key` of a toy sum
+
+
 def problem_key(prompt: str) -> str:
     """The problem a toy prompt asks, whatever its wording or order ("3+4" for "Add 4 and 3."); other text
     is its own problem (normalised)."""

@@ -113,3 +113,13 @@ def test_an_empty_split_is_refused_with_what_to_change(tmp_path):
     profile = replace(profile, data=replace(profile.data, eval_fraction=0.0))  # nothing held out
     with pytest.raises(ValueError, match=r"The eval split is empty: 3 rows .* eval_fraction 0.0"):
         splits.split_preferences(to_dataset([pair(f"Question {i}?") for i in range(3)]), profile)
+
+
+def test_smoke_holds_out_the_same_number_of_problems_for_every_seed():
+    from helpers.config import smoke_profile
+    from helpers.smoke import TOY_PROBLEMS
+
+    for seed in range(30):
+        position = splits.positions(smoke_profile(seed))
+        assert sum(position(key) < 0.2 for key in TOY_PROBLEMS) == 11  # 0.2 × 55, where a hash held out 3 to 20
+        assert position("say something rude.") == splits.unit_hash("say something rude.", seed)
