@@ -41,7 +41,7 @@ CHANGES = {
         lambda p: setting("dpo", logging_steps=1, save_steps=3)(setting("sft", logging_steps=1, save_steps=3)(p)),
         set(),
     ),
-    "DPO beta": (setting("dpo", beta=0.5), {"dpo"}),
+    "DPO beta": (setting("dpo", beta=0.9), {"dpo"}),  # smoke trains at 0.5
     "DPO loss": (setting("dpo", loss_type=("sigmoid",), learning_rate=1e-5), {"dpo"}),
     "preference rows": (setting("data", max_preference_rows=100), {"dpo", "reward", "rl"}),
     "reward split": (setting("data", reward_fraction=0.1), {"dpo", "reward", "rl"}),
