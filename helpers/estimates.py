@@ -165,16 +165,20 @@ def rl(steps: int, answers: int, prompt_tokens: float, new_tokens: int, gpu: GPU
 
 def before_training(trainer: Any, stage: str, gpu: GPU | None = None) -> Estimate:
     """`training` of a built SFT or DPO trainer's tokenized rows × epochs (or `max_steps` batches) on `gpu`/this GPU;
-    `rl` of an RL trainer's steps, batches and prompts (their mean length in tokens, from up to 256 of them)."""
+    `rl` of an RL trainer's steps, batches and prompts (their mean length in tokens, from up to 256 of them).
+    On a CPU there is no estimate, and the rows are not read."""
+    gpu = gpu or this_gpu()
+    if gpu is None:
+        return Estimate(stage, None)
     d, a = trainer.train_dataset, trainer.args
     if stage == "rl":
         tokenizer, prompts = trainer.processing_class, d["prompt"][:256]
         texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
         prompt_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
         answers = a.per_device_train_batch_size * a.gradient_accumulation_steps
-        return rl(a.max_steps, answers, prompt_tokens, a.max_completion_length, gpu or this_gpu())
+        return rl(a.max_steps, answers, prompt_tokens, a.max_completion_length, gpu)
     names = ("prompt_ids", "prompt_ids", "chosen_ids", "rejected_ids") if stage == "dpo" else ("input_ids",)
     lengths = [sum(map(len, row)) for row in zip(*(d[n] for n in names), strict=True)]
     rows = a.max_steps * a.per_device_train_batch_size * a.gradient_accumulation_steps
     rows = rows if a.max_steps > 0 else len(lengths) * a.num_train_epochs
-    return training(stage, rows, sum(lengths) / len(lengths), gpu or this_gpu())
+    return training(stage, rows, sum(lengths) / len(lengths), gpu)
