@@ -37,6 +37,7 @@ from helpers.estimates import (
     rl,
     training,
 )
+from helpers.inference import GREEDY_BATCH
 
 README = Path(__file__).resolve().parent / "README.md"
 OUT = RESULTS / "quick-profile-estimate.json"
@@ -47,8 +48,12 @@ FULL_ROWS = {"sft": 100_000, "preference": 44_245 - 541}
 # 07 merges into to measure the other merge base (REFERENCE §5, the notebooks' Needs lines). Datasets are small.
 DOWNLOAD_GB = {"02": ("the 4-bit base", 5.7), "05": ("the reward model", 15.0), "07": ("16-bit Llama-3.1-8B", 16.0)}
 DOWNLOAD_MB_S = 100  # an assumption; a cloud machine often gets more from the Hub
-# Notebook 07's file work on the H200 (its Needs line): merge 3 s, save 20 s, write the Q8_0 GGUF 77 s, read it 67 s.
-NOTEBOOK_07_FILES_S = 3 + 20 + 77 + 67
+# Notebook 07's file work on the H200: merge 3 s, save 20 s and read the GGUF back 67 s as its author timed them; the
+# Q8_0 GGUF's writing cell took 95 s in the capped main job (results/h200-main-job.json, 2026-11-30).
+NOTEBOOK_07_FILES_S = 3 + 20 + 95 + 67
+# Notebook 07 makes every version of the model answer the held-out prompts greedily and scores the reference's
+# answers with it: the 4-bit model with the adapter, the same through plain peft, merged into each base, the GGUF.
+NOTEBOOK_07_VERSIONS = 5
 CHAT_TURNS = 3  # notebook 07's streaming chat, one answer at a time
 HACKING_STEPS_SHARE = 1 / 3  # notebook 06's reward-hacking run: this share of the RL steps (`helpers.rlhf`)
 GENERATE = "evaluate_generate"  # transformers' `generate`: greedy answers (`helpers.inference`) and 07's chat
@@ -167,10 +172,22 @@ def series(profile: Profile, gpu: GPU) -> list[Row]:
             gpu,
         ),
         sampling_row(
-            "07", "greedy answers to the held-out prompts", prompts, e.max_new_tokens, EVAL_BATCH, gpu, GENERATE
+            "07",
+            f"greedy answers to the held-out prompts, by {NOTEBOOK_07_VERSIONS} versions of the model",
+            NOTEBOOK_07_VERSIONS * prompts,
+            e.max_new_tokens,
+            GREEDY_BATCH,
+            gpu,
+            GENERATE,
         ),
         sampling_row("07", "streaming chat", CHAT_TURNS, e.max_new_tokens, 1, gpu, GENERATE),
-        scoring_row("07", "four versions of the model score those answers", 4 * prompts, answer_tokens, gpu),
+        scoring_row(
+            "07",
+            f"{NOTEBOOK_07_VERSIONS} versions of the model score the reference's answers",
+            NOTEBOOK_07_VERSIONS * prompts,
+            answer_tokens,
+            gpu,
+        ),
         Row("07", "merge, save, write and read back the GGUF", None, None, "07's H200 times", NOTEBOOK_07_FILES_S),
     ]
     for notebook, (name, gb) in DOWNLOAD_GB.items():
@@ -236,7 +253,7 @@ def estimate(gpu: GPU = A100_40GB) -> dict:
         rows = series(profile, gpu)
         results["profiles"][profile.name] = {
             "settings": asdict(profile.data) | {"rl_steps": profile.rl.max_steps, "eval_steps": profile.rl.eval_steps},
-            "total_minutes": round(sum(r.seconds for r in rows) / 60, 1),
+            "total_minutes": round(sum(r.seconds for r in rows) / 60, 2),
             "peak_gib": {"sft": rates.sft_peak_gib, "dpo": rates.dpo_peak_gib, "rl": round(rl_peak, 1)},
             "minutes_by_notebook": by_notebook([asdict(r) for r in rows]),
             "rows": [asdict(r) for r in rows],

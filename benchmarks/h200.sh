@@ -9,7 +9,7 @@
 #
 # Settings: OUT (results folder), WORLD (the shapes world, default /tmp/shapes-world), and for `notebooks`
 # TUTORIAL_PROFILE (default quick), TUTORIAL_OUTPUTS (default /tmp/tutorial-outputs), BENCH_ROWS (rows of each
-# dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10), MAIN_JOB_TIMEOUT (seconds, 480), SUMMARY (the summary's name,
+# dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10), BENCH_NEW_TOKENS (tokens an answer, the profile's), MAIN_JOB_TIMEOUT (seconds, 480), SUMMARY (the summary's name,
 # h200-main-job).
 #
 # The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
@@ -67,7 +67,7 @@ notebooks)
   profile="${TUTORIAL_PROFILE:-quick}"
   settings=/tmp/shapes-settings.json
   python3 benchmarks/shapes.py --out "$world" --settings "$settings" \
-    --max-rows "${BENCH_ROWS:-1000}" --max-steps "${BENCH_MAX_STEPS:-10}"
+    --max-rows "${BENCH_ROWS:-1000}" --max-steps "${BENCH_MAX_STEPS:-10}" ${BENCH_NEW_TOKENS:+--max-new-tokens "$BENCH_NEW_TOKENS"}
   python3 -c "import wandb" 2>/dev/null || python3 -c "
 import json, sys
 settings = json.load(open(sys.argv[1])) | {'report_to_wandb': False}

@@ -364,15 +364,17 @@ def shapes_profile(world: Path, seed: int = 42, backend: str = "unsloth", base: 
     return override(base or full_profile(seed, backend), shapes_settings(world), f"shapes world {world}")
 
 
-def capped_settings(world: Path, max_rows: int, max_steps: int) -> dict:
-    """`shapes_settings` plus at most `max_rows` rows of each dataset and `max_steps` optimizer steps a stage: a
-    run of the notebooks that checks the code path on the 8B shapes in minutes."""
+def capped_settings(world: Path, max_rows: int, max_steps: int, max_new_tokens: int | None = None) -> dict:
+    """`shapes_settings` plus at most `max_rows` rows of each dataset and `max_steps` optimizer steps a stage (and,
+    if given, `max_new_tokens` an answer in evaluation and export): a run of the notebooks that checks the code
+    path on the 8B shapes in minutes. With random weights some answers of every batch run to the cap."""
     settings = shapes_settings(world)
     settings["data"] |= {"max_sft_rows": max_rows, "max_preference_rows": max_rows}
     logging_steps = max(1, max_steps // 2)  # two logs a stage: the second one's step time is past the compiling
-    return settings | {
-        stage: {"max_steps": max_steps, "logging_steps": logging_steps} for stage in ("sft", "dpo", "rl")
-    }
+    settings |= {stage: {"max_steps": max_steps, "logging_steps": logging_steps} for stage in ("sft", "dpo", "rl")}
+    if max_new_tokens is not None:
+        settings["eval"] = {"max_new_tokens": max_new_tokens}
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,11 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-rows", type=int, default=1000, help="with --settings: rows of each dataset")
     parser.add_argument("--max-steps", type=int, default=10, help="with --settings: optimizer steps a stage")
+    parser.add_argument("--max-new-tokens", type=int, help="with --settings: tokens an answer in evaluation and export")
     args = parser.parse_args(argv)
     if args.settings:
         if not (args.out / MODEL_DIR / "config.json").exists():
             parser.error(f"{args.out} holds no model: build the world with --model first")
-        args.settings.write_text(json.dumps(capped_settings(args.out, args.max_rows, args.max_steps), indent=1) + "\n")
+        settings = capped_settings(args.out, args.max_rows, args.max_steps, args.max_new_tokens)
+        args.settings.write_text(json.dumps(settings, indent=1) + "\n")
         print(f"wrote {args.settings}")
         return 0
     shape = args.shape if args.model else None

@@ -45,6 +45,7 @@ def test_world_writes_loadable_data_in_the_real_schemas(tmp_path):
 
 
 def test_settings_file_points_the_quick_profile_at_the_world_and_caps_it(tmp_path):
+    from helpers.config import quick_profile
     from helpers.environment import load_profile
 
     (tmp_path / shapes.MODEL_DIR).mkdir()
@@ -59,6 +60,10 @@ def test_settings_file_points_the_quick_profile_at_the_world_and_caps_it(tmp_pat
     assert profile.data.sft_dataset == str(tmp_path.resolve() / shapes.SFT_FILE)
     assert (profile.data.max_sft_rows, profile.data.max_preference_rows) == (7, 7)
     assert profile.sft.max_steps == profile.dpo.max_steps == profile.rl.max_steps == 3
+    assert profile.eval.max_new_tokens == quick_profile().eval.max_new_tokens  # the profile's own unless capped
+
+    assert shapes.main(["--out", str(tmp_path), "--settings", str(settings), *caps, "--max-new-tokens", "64"]) == 0
+    assert load_profile(env).eval.max_new_tokens == 64
 
 
 def test_settings_need_a_built_model(tmp_path):

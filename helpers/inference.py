@@ -25,8 +25,11 @@ from helpers.evaluate import generate_as_is
 DECISIVE_MARGIN = 1.0  # nats between the greedy token and the runner-up, at every token of an answer
 
 
+GREEDY_BATCH = 32  # prompts a `generate` call: a decode step costs about the same up to 64 (benchmarks/README.md)
+
+
 def greedy_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 16
+    model: Any, tokenizer: Any, prompts: Sequence[list[dict]], max_new_tokens: int, batch_size: int = GREEDY_BATCH
 ) -> list[str]:
     """Greedy answers of any causal LM (plain, merged or `PeftModel` with its active adapter) to chat `prompts`."""
     side = tokenizer.padding_side

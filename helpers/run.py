@@ -27,6 +27,7 @@ NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3 * 3600  # a full-profile training cell runs for hours
 MAX_NOISE_LINES = 50  # progress bars and warnings an executed notebook may show in all
 NOISE = re.compile(r"\d+%\||it/s|s/it|examples/s|Warning|warn\(")
+OVERWRITTEN = re.compile(r".*\r(?=[^\n])")  # a line's text up to its last carriage return
 
 
 def series(only: list[str] | None = None) -> list[Path]:
@@ -48,6 +49,7 @@ def execute_notebook(path: Path, out_dir: Path) -> Path:
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
@@ -58,6 +60,8 @@ def execute_notebook(path: Path, out_dir: Path) -> Path:
     try:
         client.execute()
     finally:
+        # What a reader sees: a text progress bar's updates (one output each, after `\r`) as its last state.
+        notebook, _ = CoalesceStreamsPreprocessor().preprocess(notebook, {})
         nbformat.write(notebook, executed)
         html, _ = HTMLExporter().from_notebook_node(notebook)
         executed.with_suffix(".html").write_text(html)
@@ -65,14 +69,24 @@ def execute_notebook(path: Path, out_dir: Path) -> Path:
 
 
 def noise_lines(notebook: dict) -> list[str]:
-    """The lines of progress bars and warnings in an executed notebook's outputs (stderr, or text that looks so)."""
+    """The lines of progress bars and warnings an executed notebook shows (stderr, or text that looks so).
+
+    Counted as Jupyter shows them: consecutive outputs of one stream run together, and text before a `\r`
+    within a line is overwritten (a progress bar's updates are one line, its last state)."""
     lines = []
     for cell in notebook["cells"]:
+        streams: list[list[str]] = []  # [name, text] of each run of one stream
         for output in cell.get("outputs", []):
             text = output.get("text", "")
             text = "".join(text) if isinstance(text, list) else text
-            noisy = output.get("name") == "stderr"
-            lines += [line for line in text.replace("\r", "\n").splitlines() if line and (noisy or NOISE.search(line))]
+            name = output.get("name", output.get("output_type"))
+            if streams and streams[-1][0] == name:
+                streams[-1][1] += text
+            else:
+                streams.append([name, text])
+        for name, text in streams:
+            shown = OVERWRITTEN.sub("", text.replace("\r\n", "\n"))
+            lines += [line for line in shown.splitlines() if line and (name == "stderr" or NOISE.search(line))]
     return lines
 
 

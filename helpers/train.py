@@ -21,6 +21,7 @@ from helpers.workarounds import (
     install_cpu_logprob_fallback,
     keep_adapter_dtypes_on_resume,
     restore_trained_adapter,
+    share_between_processes,
 )
 
 # --- batching ---------------------------------------------------------------------------------------------
@@ -154,6 +155,15 @@ def make_dpo_trainer(profile: Profile, model: Any, tokenizer: Any, train_dataset
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthBucketSampler(pair_lengths(dataset), self.args.per_device_train_batch_size, self.args.seed)
+
+        def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+            # TRL scores the reference in the pairs' stored order, so every batch pads to its longest pair. Sorted
+            # by length, batches pad little (on the H200: 28 pairs/s sorted at 32 a batch, 16.6 unsorted; REFERENCE
+            # §3). Training batches are grouped by length anyway, and evaluation averages: the order is free.
+            by_length = sorted(range(len(dataset)), key=pair_lengths(dataset).__getitem__)
+            folder = Path(self.args.output_dir).with_name(f"{Path(self.args.output_dir).name}-reference") / name
+            pairs = share_between_processes(dataset.select(by_length), folder, self.args)
+            return super()._precompute_ref_logps(pairs, name, batch_size)
 
     trainer_class = GroupedDPOTrainer if s.group_by_length else DPOTrainer
     trainer = trainer_class(

@@ -8,6 +8,7 @@ and the workaround (and the test) should be deleted.
 from __future__ import annotations
 
 import functools
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,31 @@ def freeze_reference_adapter(model: Any) -> int:
     for param in trainable:
         param.requires_grad_(False)
     return len(trainable)
+
+
+# --- TRL 1.15: the precomputed reference's file is not shared between processes ------------------------------
+
+
+def share_between_processes(dataset: Any, folder: Path, args: Any) -> Any:
+    """`dataset` written to `folder` (emptied first, by the main process) and read back from there by every process.
+
+    What breaks without it: TRL 1.15's `_precompute_ref_logps` writes the reference's scores next to the dataset's
+    files, and for a dataset held in memory into a temporary folder of *each process*: under `accelerate launch`
+    the main process writes the file and the others look for it in their own folder ("FileNotFoundError: Failed
+    to open local file '/tmp/hf_datasets-…/cache-….arrow'"). Not reported upstream as of 2026-11-30 (TRL #6291
+    fixed the one-process case); remove when TRL shares the file between processes. Reproducing it takes two
+    processes: `tests/test_stages.py` trains the smoke DPO (which precomputes) under `accelerate launch`.
+    """
+    from accelerate.utils import broadcast_object_list
+    from datasets import Dataset
+
+    name = broadcast_object_list([f"pairs-{dataset._fingerprint}.arrow"], from_process=0)[0]  # differs by process
+    with args.main_process_first(desc="pairs for the reference pass"):
+        if args.process_index == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier run's files
+            folder.mkdir(parents=True)
+            dataset.flatten_indices(cache_file_name=str(folder / name))
+    return Dataset.from_file(str(folder / name))
 
 
 # --- peft 0.21 + transformers 5.17: resuming a LoRA run changes it ------------------------------------------

@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,8 @@ def reference_mismatches(model) -> list[str]:
 def dpo_trainer(tmp_profile, monkeypatch):
     """TRL's DPOTrainer over the smoke model with a trained-looking adapter (as after SFT), built by
     `train.make_dpo_trainer` without its two model workarounds."""
+    # No reference pass while building: it switches adapters, which hides the peft bug tested below.
+    tmp_profile = replace(tmp_profile, dpo=replace(tmp_profile.dpo, precompute_ref_log_probs=False))
     model, tokenizer = trained_looking_model(tmp_profile, tmp_profile.dpo.max_length)
     monkeypatch.setattr(train, "complete_reference_adapter", lambda model: 0)
     monkeypatch.setattr(train, "keep_adapter_dtypes_on_resume", lambda model: None)
@@ -195,6 +198,18 @@ def test_trl_reference_adapter_still_differs_and_the_workaround_completes_it(dpo
     assert mismatches, "workaround complete_reference_adapter can go: TRL's 'ref' adapter is an exact copy"
     assert workarounds.complete_reference_adapter(model) > 0
     assert reference_mismatches(model) == []
+
+
+def test_peft_still_leaves_the_reference_token_rows_trainable_and_the_workaround_freezes_them(dpo_trainer):
+    def trainable_ref(model) -> list[str]:
+        return [n for n, p in model.named_parameters() if p.requires_grad and (".ref." in n or n.endswith(".ref"))]
+
+    model = dpo_trainer.model  # TRL adds its "ref" adapter with `add_adapter`, for DPO as for RL
+    left = trainable_ref(model)
+    assert left, "workaround freeze_reference_adapter can go: peft freezes the new adapter's token rows"
+    assert all("trainable_tokens" in n for n in left)
+    assert workarounds.freeze_reference_adapter(model) == len(left)
+    assert trainable_ref(model) == []
 
 
 # --- transformers 5.17 + peft 0.21: resuming a LoRA run ------------------------------------------------------
