@@ -9,7 +9,6 @@ import textwrap
 from dataclasses import replace
 
 import pytest
-import torch
 from datasets import Dataset
 
 from helpers import checks, pipeline, train
@@ -70,7 +69,8 @@ def test_dpo_reference_is_the_sft_model(with_sft_adapter):
 def test_precomputed_reference_is_scored_sorted_by_length_and_stays_with_its_pairs(with_sft_adapter):
     """The sorted pass (`group_by_length`) returns the pairs by length, each with the reference log-probs TRL's own
     pass in stored order gives it: a pair never gets another pair's numbers."""
-    precompute = replace(with_sft_adapter.dpo, precompute_ref_log_probs=True, per_device_train_batch_size=4)
+    # One pair a batch: no padding, so both passes compute exactly the same numbers for a pair.
+    precompute = replace(with_sft_adapter.dpo, precompute_ref_log_probs=True, per_device_train_batch_size=1)
     scored = {}
     for grouped in (True, False):
         profile = replace(with_sft_adapter, dpo=replace(precompute, group_by_length=grouped))
@@ -82,12 +82,8 @@ def test_precomputed_reference_is_scored_sorted_by_length_and_stays_with_its_pai
         keys = [tuple(p + c + r) for p, c, r in pairs]
         logps = zip(rows["ref_chosen_logps"], rows["ref_rejected_logps"], strict=True)
         scored[grouped] = dict(zip(keys, logps, strict=True))
-    assert scored[True].keys() == scored[False].keys()
-    sorted_pass, stored_pass = (torch.tensor([scored[g][k] for k in scored[True]]) for g in (True, False))
-    # The same numbers up to bf16 noise (batches pad differently), far below what tells two pairs apart.
-    noise = (sorted_pass - stored_pass).abs().max()
-    spread = stored_pass.std(0).min()  # standard deviation over the pairs (measured: 0.05 nats against 2.6)
-    assert noise < 0.1 * spread, f"max |sorted - stored| {noise:.3f} nats, spread between pairs {spread:.2f}"
+    assert scored[True] == scored[False]
+    assert len(set(scored[True].values())) > 1
 
 
 def test_length_bucket_sampler_groups_lengths_and_shuffles_batches():
