@@ -30,8 +30,12 @@ steps and one more optimizer step on copies of the longest example (the worst ba
 
 `--repeats N` runs every path N times, interleaved (round 1 of every path, then round 2, ...): each path's record is
 its median run, with the median and range of its rates and every run under `repeats`, and report.py judges targets
-on the medians. `--tiny` runs the same code on a CPU in about a minute, every path in this process: the smoke
-world's model and data under the full profile's settings, with the hf backend; it checks the code, nothing more:
+on the medians. `--resume` keeps the runs the `--out` file holds and runs only the missing ones, in the same order,
+on the same world: repeats that take longer than one sitting (the lent GPU allows 10 minutes a call) are recorded
+with the date and command of every sitting under `sittings`.
+
+`--tiny` runs the same code on a CPU in about a minute, every path in this process: the smoke world's model and
+data under the full profile's settings, with the hf backend; it checks the code, nothing more:
 
     python benchmarks/bench_training.py --tiny --out t.json --repeats 3 --paths project_dpo unsloth_trl_defaults_dpo
 
@@ -625,17 +629,38 @@ def combine(runs: list[dict]) -> dict:
     return record
 
 
+def earlier_runs(record: dict | None) -> list[dict]:
+    """The runs a path's record in a written report holds (`combine`'s inverse, without step times)."""
+    return [] if record is None else record.get("repeats", [record])
+
+
 def run_all(
-    world: Path, out: Path, names: list[str], specs: dict, timeout_s: int, repeats: int, in_process: bool
+    world: Path,
+    out: Path,
+    names: list[str],
+    specs: dict,
+    timeout_s: int,
+    repeats: int,
+    in_process: bool,
+    resume: bool = False,
 ) -> dict:
     """Every path `repeats` times, interleaved (round 1 of every path, then round 2, ...), so a drift of the
-    machine hits every path alike. `out` is rewritten after every run (a killed run keeps its part)."""
+    machine hits every path alike. `out` is rewritten after every run (a killed run keeps its part); with `resume`
+    the runs it holds count, and only the missing ones run, in the same order (a run longer than one sitting)."""
     stats = world / "stats.json"
     report = {**environment(), "world": json.loads(stats.read_text()) if stats.exists() else {"folder": str(world)}}
-    report["repeats"] = repeats
-    report["paths"], runs = {}, {name: [] for name in names}
+    report["repeats"], report["paths"] = repeats, {}
+    if resume and out.exists():
+        earlier = json.loads(out.read_text())
+        if earlier["world"] != report["world"]:
+            raise SystemExit(f"{out} was measured on another world than {world}: resume only on the same one.")
+        sittings = [*earlier.get("sittings", [{k: earlier[k] for k in ("date", "command")}])]
+        report = earlier | {"repeats": repeats, "sittings": [*sittings, {k: report[k] for k in ("date", "command")}]}
+    runs = {name: earlier_runs(report["paths"].get(name)) for name in names}
     for round_ in range(1, repeats + 1):
         for name in names:
+            if len(runs[name]) >= round_:
+                continue
             print(f"\n=== {name} (run {round_} of {repeats}) ===", flush=True)
             result = run_path(name, specs[name], world, timeout_s, in_process)
             runs[name].append(result)
@@ -660,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         help='override or add a path spec, e.g. project_dpo_b16=\'{"kind": "project_dpo", ...}\'',
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs of every path, interleaved; medians reported")
+    parser.add_argument("--resume", action="store_true", help="keep the runs --out holds; run only the missing ones")
     parser.add_argument("--tiny", action="store_true", help="check the code on a CPU: the smoke world, no --world")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -685,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is required")
     if args.tiny:
         specs = {name: spec | TINY for name, spec in specs.items()}
-    report = run_all(args.world.resolve(), args.out, args.paths, specs, args.timeout, args.repeats, args.tiny)
+    world = args.world.resolve()
+    report = run_all(world, args.out, args.paths, specs, args.timeout, args.repeats, args.tiny, args.resume)
     failed = [n for n, r in report["paths"].items() if r.get("status") != "ok"]
     print(f"\nwrote {args.out}; failed: {failed or 'none'}")
     return 1 if failed else 0

@@ -64,3 +64,20 @@ def test_tiny_dpo_comparison_runs_interleaved_repeats_and_reports_the_ratio(tmp_
     assert result["paths"]["unsloth_trl_defaults_dpo"]["settings"]["per_device_train_batch_size"] == 2
     (line,) = [row for row in report.target_rows(result) if row.startswith("| DPO pairs/s ≥ 2 ×")]
     assert "medians of 3 rounds, round by round" in line
+
+
+@pytest.mark.slow
+def test_resume_runs_only_the_missing_repeats_in_order(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench_training.TINY, "rows", 16)
+    out, path = tmp_path / "tiny.json", "project_dpo"
+    assert bench_training.main(["--tiny", "--out", str(out), "--paths", path, "--repeats", "1"]) == 0
+    first = json.loads(out.read_text())
+    assert bench_training.main(["--tiny", "--out", str(out), "--paths", path, "--repeats", "2", "--resume"]) == 0
+    resumed = json.loads(out.read_text())
+    runs = resumed["paths"][path]["repeats"]
+    assert len(runs) == 2 and runs[0]["pairs_per_s"] == first["paths"][path]["pairs_per_s"]  # kept, not rerun
+    assert resumed["sittings"][0] == {"date": first["date"], "command": first["command"]}
+    assert len(resumed["sittings"]) == 2 and resumed["date"] == first["date"]
+    # A third sitting with nothing missing runs nothing.
+    assert bench_training.main(["--tiny", "--out", str(out), "--paths", path, "--repeats", "2", "--resume"]) == 0
+    assert json.loads(out.read_text())["paths"][path]["repeats"] == runs
