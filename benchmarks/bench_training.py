@@ -654,7 +654,7 @@ def run_all(
         earlier = json.loads(out.read_text())
         if earlier["world"] != report["world"]:
             raise SystemExit(f"{out} was measured on another world than {world}: resume only on the same one.")
-        sittings = [*earlier.get("sittings", [{k: earlier[k] for k in ("date", "command")}])]
+        sittings = earlier.get("sittings", [{k: earlier[k] for k in ("date", "command")}])
         report = earlier | {"repeats": repeats, "sittings": [*sittings, {k: report[k] for k in ("date", "command")}]}
     runs = {name: earlier_runs(report["paths"].get(name)) for name in names}
     for round_ in range(1, repeats + 1):

@@ -9,12 +9,12 @@ go to `outputs/<profile>/notebooks/`, the numbers to `outputs/<profile>/metrics.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -27,7 +27,6 @@ NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CELL_TIMEOUT_S = 3 * 3600  # a full-profile training cell runs for hours
 MAX_NOISE_LINES = 50  # progress bars and warnings an executed notebook may show in all
 NOISE = re.compile(r"\d+%\||it/s|s/it|examples/s|Warning|warn\(")
-OVERWRITTEN = re.compile(r".*\r(?=[^\n])")  # a line's text up to its last carriage return
 
 
 def series(only: list[str] | None = None) -> list[Path]:
@@ -68,25 +67,22 @@ def execute_notebook(path: Path, out_dir: Path) -> Path:
     return executed
 
 
-def noise_lines(notebook: dict) -> list[str]:
-    """The lines of progress bars and warnings an executed notebook shows (stderr, or text that looks so).
+def noise_lines(notebook: Any) -> list[str]:
+    """The lines of progress bars and warnings an executed notebook (as `nbformat.read` gives it) shows: stderr, or
+    text that looks so.
 
-    Counted as Jupyter shows them: consecutive outputs of one stream run together, and text before a `\r`
-    within a line is overwritten (a progress bar's updates are one line, its last state)."""
+    Counted as Jupyter shows them (nbconvert's `CoalesceStreamsPreprocessor`, as `execute_notebook` saves them):
+    consecutive outputs of one stream run together, and text before a `\\r` within a line is overwritten (a
+    progress bar's updates are one line, its last state)."""
+    import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    shown, _ = CoalesceStreamsPreprocessor().preprocess(nbformat.from_dict(notebook), {})
     lines = []
-    for cell in notebook["cells"]:
-        streams: list[list[str]] = []  # [name, text] of each run of one stream
+    for cell in shown["cells"]:
         for output in cell.get("outputs", []):
-            text = output.get("text", "")
-            text = "".join(text) if isinstance(text, list) else text
-            name = output.get("name", output.get("output_type"))
-            if streams and streams[-1][0] == name:
-                streams[-1][1] += text
-            else:
-                streams.append([name, text])
-        for name, text in streams:
-            shown = OVERWRITTEN.sub("", text.replace("\r\n", "\n"))
-            lines += [line for line in shown.splitlines() if line and (name == "stderr" or NOISE.search(line))]
+            noisy = output.get("name") == "stderr"
+            lines += [line for line in output.get("text", "").splitlines() if line and (noisy or NOISE.search(line))]
     return lines
 
 
@@ -103,6 +99,7 @@ def pin_settings(profile: Profile) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    import nbformat
     from nbclient.exceptions import CellExecutionError
 
     parser = argparse.ArgumentParser(prog="python -m helpers.run", description=__doc__.split("\n\n")[0])
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         except CellExecutionError as e:
             print(f"\n{path.name} failed; the executed copy is in {out_dir / path.name}.\n{e}", file=sys.stderr)
             return 1
-        noise = noise_lines(json.loads((out_dir / path.name).read_text()))
+        noise = noise_lines(nbformat.read(out_dir / path.name, as_version=4))
         progress.write(f"{path.name}: done in {time.perf_counter() - start:.0f} s, {len(noise)} lines of noise")
         if len(noise) > MAX_NOISE_LINES:
             print(f"{path.name}: more than {MAX_NOISE_LINES} lines of progress bars or warnings:", file=sys.stderr)
