@@ -609,8 +609,8 @@ RATES = ("tokens_per_s", "pairs_per_s")
 
 
 def combine(runs: list[dict]) -> dict:
-    """One record for the repeats of a path: the repeat with the median rate, the median and range of each rate,
-    and every repeat (without its step times). A single run is returned as it is."""
+    """One record for the repeats of a path: the repeat with the median rate (its index is `median_repeat`), the
+    median and range of each rate, and every repeat (without its step times). A single run is returned as it is."""
     if len(runs) == 1:
         return runs[0]
     ok = [r for r in runs if r.get("status") == "ok" and "tokens_per_s" in r]
@@ -618,20 +618,30 @@ def combine(runs: list[dict]) -> dict:
     if not ok:
         return {**runs[-1], "repeats": brief}
     key = "pairs_per_s" if "pairs_per_s" in ok[0] else "tokens_per_s"
-    record = dict(sorted(ok, key=lambda r: r[key])[(len(ok) - 1) // 2])  # the median run (the lower of two)
+    median = sorted(ok, key=lambda r: r[key])[(len(ok) - 1) // 2]  # the median run (the lower of two)
+    record = dict(median)
     for rate in (r for r in RATES if r in record):
         values = [r[rate] for r in ok]
         record[rate] = round(statistics.median(values), 3)
         record[f"{rate}_range"] = [min(values), max(values)]
     if "peak_allocated_gib" in record:  # GPU runs
         record["peak_allocated_gib"] = max(r["peak_allocated_gib"] for r in ok)
+    record["median_repeat"] = next(i for i, r in enumerate(runs) if r is median)
     record["repeats"] = brief
     return record
 
 
 def earlier_runs(record: dict | None) -> list[dict]:
-    """The runs a path's record in a written report holds (`combine`'s inverse, without step times)."""
-    return [] if record is None else record.get("repeats", [record])
+    """The runs a path's record in a written report holds (`combine`'s inverse): the median run gets its step
+    times back, so a report continued with `--resume` holds what one sitting would have written."""
+    if record is None:
+        return []
+    if "repeats" not in record:
+        return [record]
+    runs = [dict(r) for r in record["repeats"]]
+    if "median_repeat" in record:
+        runs[record["median_repeat"]] |= {k: record[k] for k in ("micro_steps", "spec") if k in record}
+    return runs
 
 
 def run_all(

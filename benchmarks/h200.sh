@@ -6,6 +6,7 @@
 #   bash benchmarks/h200.sh notebooks   # the main job (every notebook) on the 8B shapes, capped, W&B offline
 #   bash benchmarks/h200.sh notebooks 05 06   # only these notebooks (split a run over calls of 10 minutes)
 #   bash benchmarks/h200.sh bench NAME --paths project_dpo unsloth_trl_defaults_dpo --repeats 3   # the DPO ratio
+#   bash benchmarks/h200.sh bench NAME ... --resume   # continue NAME.json in a later call (same machine and world)
 #
 # Settings: OUT (results folder), WORLD (the shapes world, default /tmp/shapes-world), and for `notebooks`
 # TUTORIAL_PROFILE (default quick), TUTORIAL_OUTPUTS (default /tmp/tutorial-outputs), BENCH_ROWS (rows of each
@@ -13,7 +14,8 @@
 # h200-main-job).
 #
 # The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
-# them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...).
+# them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...),
+# and so does `bench` for IPython (helpers' training table subclasses transformers' notebook callback).
 # Results go to $OUT (the device tool brings that folder back), else to benchmarks/results/.
 set -euo pipefail
 stage="${1:?quick, bench or notebooks}"

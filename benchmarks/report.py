@@ -1,6 +1,6 @@
 """Turn benchmark JSON into the tables of benchmarks/README.md (between its `results` markers), never by hand.
 
-    python benchmarks/report.py benchmarks/results/h200-run*.json
+    python benchmarks/report.py       # the runs of `RUNS`; or name the JSON files
 
 Each JSON is one run (one machine, one command, the same data for every path). Targets are checked only between
 paths of the same run; where paths were repeated (`bench_training.py --repeats`), between their medians, with the
@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
-GROUPING = Path(__file__).resolve().parent / "results" / "length_grouping_smoke.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+GROUPING = RESULTS / "length_grouping_smoke.json"
+RUNS = ("h200-run*.json", "h200-dpo-*.json")  # the single-GPU training benchmarks the README shows, in this order
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 GROUPING_START, GROUPING_END = "<!-- grouping:start -->", "<!-- grouping:end -->"
 
@@ -35,7 +37,7 @@ DESCRIPTIONS = {
     "dpo_b16": "project DPO, 16 pairs grouped",
     "defaults_dpo": "Unsloth + TRL `DPOTrainer` defaults (batch 2, shuffled)",
     "project_dpo_two_epochs": "project DPO, two epochs (the second timed)",
-    "project_dpo_precompute": "the same with `precompute_ref_log_probs` (the pass is in `build_s`)",
+    "project_dpo_precompute": "the same with `precompute_ref_log_probs` (its pass is in the trainer build)",
 }
 
 # (name, numerator path, denominator path or None, metric, bound, "min" or "max")
@@ -70,6 +72,10 @@ def path_table(run: dict) -> list[str]:
         mem = r["timed_peak"] if "timed_peak" in r and "probe_peak" not in r else r
         peak = f"{fmt(mem.get('peak_allocated_gib'), 2)} ({fmt(mem.get('peak_reserved_gib'), 2)})"
         measured = f"{r['measured_micro_steps']} steps, {r['measured_s']} s"
+        if r.get("spec", {}).get("mode") == "two_epochs" and "build_s" in r:  # warm-up: the first epoch
+            whole = r["warmup_s"] + r["measured_s"] + r["build_s"]  # the build holds a precomputed reference pass
+            first = f"first {r['warmup_s']} s, trainer build {r['build_s']} s"
+            measured = f"second epoch: {measured}; {first}; all three {whole:.1f} s"
         if "repeats" in r:
             rate = "pairs_per_s" if "pairs_per_s" in r else "tokens_per_s"
             low, high = r[f"{rate}_range"]
@@ -107,6 +113,19 @@ def round_ratios(num: dict, den: dict, metric: str) -> list[float]:
     return [a[metric] / b[metric] for a, b in pairs if a.get("status") == b.get("status") == "ok"]
 
 
+def default_files() -> list[Path]:
+    return [f for pattern in RUNS for f in sorted(RESULTS.glob(pattern))]
+
+
+def how_run(run: dict) -> str:
+    """The command, and the sittings where `--resume` continued the run on the same machine and world."""
+    sittings = run.get("sittings", [])
+    if len(sittings) < 2:
+        return f"command: `{run['command']}`"
+    dates = ", ".join(s["date"] for s in sittings)
+    return f"command: `{run['command']}`, in {len(sittings)} sittings ({dates}), the later ones with `--resume`"
+
+
 def render(files: list[Path]) -> str:
     runs = [json.loads(f.read_text()) for f in files]
     out = []
@@ -117,8 +136,7 @@ def render(files: list[Path]) -> str:
             f"### `{f.name}`: {gpu.get('name', 'no GPU')} ({gpu.get('memory_gib', '?')} GiB), {run['date']}",
             "",
             f"torch {v['torch_runtime']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
-            f"bitsandbytes {v['bitsandbytes']}, unsloth {v['unsloth']}; driver {gpu.get('driver')}; "
-            f"command: `{run['command']}`",
+            f"bitsandbytes {v['bitsandbytes']}, unsloth {v['unsloth']}; driver {gpu.get('driver')}; {how_run(run)}",
             "",
             *path_table(run),
             "",
@@ -158,10 +176,10 @@ def replace_between(text: str, start: str, end: str, body: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", type=Path, nargs="+")
+    parser.add_argument("files", type=Path, nargs="*", help="default: the files of RUNS in results/")
     parser.add_argument("--print", action="store_true", help="print instead of updating README.md")
     args = parser.parse_args(argv)
-    text = render(args.files)
+    text = render(args.files or default_files())
     if args.print:
         print(text)
         return 0

@@ -38,7 +38,18 @@ def test_combine_reports_the_median_run_and_the_range():
     assert record["pairs_per_s"] == 8.0 and record["tokens_per_s"] == 800.0
     assert record["pairs_per_s_range"] == [7.0, 9.0]
     assert len(record["repeats"]) == 4 and "micro_steps" not in record["repeats"][0]
+    assert record["median_repeat"] == 2 and record["micro_steps"] == run(8.0)["micro_steps"]
     assert bench_training.combine([run(5.0)]) == run(5.0)
+
+
+def test_a_report_read_back_combines_to_itself_step_times_included():
+    """What `--resume` relies on: the runs read back from a written record give that record again, so a file
+    continued in a later sitting keeps the median run's step times."""
+    runs = [run(7.0), run(9.0) | {"micro_steps": [[2]]}, run(8.0) | {"micro_steps": [[3]]}]
+    record = json.loads(json.dumps(bench_training.combine(runs)))
+    assert bench_training.earlier_runs(record)[2] == runs[2]
+    assert bench_training.combine(bench_training.earlier_runs(record)) == record
+    assert bench_training.earlier_runs(run(5.0)) == [run(5.0)] and bench_training.earlier_runs(None) == []
 
 
 def test_round_ratios_pair_the_interleaved_runs():
@@ -81,3 +92,16 @@ def test_resume_runs_only_the_missing_repeats_in_order(tmp_path, monkeypatch):
     # A third sitting with nothing missing runs nothing.
     assert bench_training.main(["--tiny", "--out", str(out), "--paths", path, "--repeats", "2", "--resume"]) == 0
     assert json.loads(out.read_text())["paths"][path]["repeats"] == runs
+
+
+def test_readme_results_are_the_committed_runs_rendered():
+    """The tables of benchmarks/README.md are `report.py`'s rendering of the committed runs, never typed by hand."""
+    section = report.README.read_text().split(report.START)[1].split(report.END)[0]
+    assert section.strip() == report.render(report.default_files()).strip(), "run `python benchmarks/report.py`"
+    sittings = [{"date": "d1", "command": "c"}, {"date": "d2", "command": "c --resume"}]
+    assert report.how_run({"command": "c", "sittings": sittings}) == (
+        "command: `c`, in 2 sittings (d1, d2), the later ones with `--resume`"
+    )
+    assert (
+        report.how_run({"command": "c", "sittings": sittings[:1]}) == report.how_run({"command": "c"}) == "command: `c`"
+    )
