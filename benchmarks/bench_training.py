@@ -92,7 +92,7 @@ PATHS: dict[str, dict] = {
         "dpo": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1},
     },
     # Two epochs with and without the reference's log-probs computed once before training (TRL does it while the
-    # trainer is built: `build_s`). It should pay from the second epoch on.
+    # trainer is built: `build_s`), to see after how many epochs the pass pays.
     "project_dpo_two_epochs": {"kind": "project_dpo", "mode": "two_epochs"},
     "project_dpo_precompute": {"kind": "project_dpo", "mode": "two_epochs", "dpo": {"precompute_ref_log_probs": True}},
 }

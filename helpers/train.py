@@ -151,8 +151,13 @@ def make_dpo_trainer(profile: Profile, model: Any, tokenizer: Any, train_dataset
         precompute_ref_log_probs=s.precompute_ref_log_probs,
     )
 
-    class GroupedDPOTrainer(DPOTrainer):
+    class ProjectDPOTrainer(DPOTrainer):
+        """TRL's trainer with batches grouped by length (`group_by_length`) and a reference pass (`precompute_ref_
+        log_probs`) that also runs under `accelerate launch` and, when grouping, over the pairs sorted by length."""
+
         def _get_train_sampler(self, train_dataset=None):
+            if not s.group_by_length:
+                return super()._get_train_sampler(train_dataset)
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return LengthBucketSampler(pair_lengths(dataset), self.args.per_device_train_batch_size, self.args.seed)
 
@@ -160,13 +165,12 @@ def make_dpo_trainer(profile: Profile, model: Any, tokenizer: Any, train_dataset
             # TRL scores the reference in the pairs' stored order, so every batch pads to its longest pair. Sorted
             # by length, batches pad little (on the H200: 28 pairs/s sorted at 32 a batch, 16.6 unsorted; REFERENCE
             # §3). Training batches are grouped by length anyway, and evaluation averages: the order is free.
-            by_length = sorted(range(len(dataset)), key=pair_lengths(dataset).__getitem__)
+            if s.group_by_length:
+                dataset = dataset.select(sorted(range(len(dataset)), key=pair_lengths(dataset).__getitem__))
             folder = Path(self.args.output_dir).with_name(f"{Path(self.args.output_dir).name}-reference") / name
-            pairs = share_between_processes(dataset.select(by_length), folder, self.args)
-            return super()._precompute_ref_logps(pairs, name, batch_size)
+            return super()._precompute_ref_logps(share_between_processes(dataset, folder, self.args), name, batch_size)
 
-    trainer_class = GroupedDPOTrainer if s.group_by_length else DPOTrainer
-    trainer = trainer_class(
+    trainer = ProjectDPOTrainer(
         model=model,
         ref_model=None,
         args=config,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -68,13 +69,18 @@ def test_dpo_reference_is_the_sft_model(with_sft_adapter):
 @pytest.mark.slow
 def test_precomputed_reference_is_scored_sorted_by_length_and_stays_with_its_pairs(with_sft_adapter):
     """The sorted pass (`group_by_length`) returns the pairs by length, each with the reference log-probs TRL's own
-    pass in stored order gives it: a pair never gets another pair's numbers."""
+    pass in stored order gives it: a pair never gets another pair's numbers. Grouped or not, the pass shares its
+    pairs between processes (without that, TRL's pass fails under `accelerate launch`)."""
     # One pair a batch: no padding, so both passes compute exactly the same numbers for a pair.
     precompute = replace(with_sft_adapter.dpo, precompute_ref_log_probs=True, per_device_train_batch_size=1)
     scored = {}
     for grouped in (True, False):
         profile = replace(with_sft_adapter, dpo=replace(precompute, group_by_length=grouped))
+        # Both ways, the pass reads its pairs from one folder every process shares (`share_between_processes`).
+        shared = Path(f"{train.checkpoint_dir(profile, 'dpo')}-reference") / "train"
+        shutil.rmtree(shared.parent, ignore_errors=True)
         rows = pipeline.build_dpo(profile).trainer.train_dataset
+        assert any(shared.glob("pairs-*.arrow")), f"grouped={grouped}: the reference pass did not share its pairs"
         if grouped:
             lengths = train.pair_lengths(rows)
             assert lengths == sorted(lengths) and len(set(lengths)) > 1
