@@ -10,8 +10,8 @@
 #
 # Settings: OUT (results folder), WORLD (the shapes world, default /tmp/shapes-world), and for `notebooks`
 # TUTORIAL_PROFILE (default quick), TUTORIAL_OUTPUTS (default /tmp/tutorial-outputs), BENCH_ROWS (rows of each
-# dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10), BENCH_NEW_TOKENS (tokens an answer, the profile's), MAIN_JOB_TIMEOUT (seconds, 480), SUMMARY (the summary's name,
-# h200-main-job).
+# dataset, 1000), BENCH_MAX_STEPS (steps a stage, 10), BENCH_NEW_TOKENS (tokens an answer, the profile's),
+# MAIN_JOB_TIMEOUT (seconds, 480), SUMMARY (the summary's name, h200-main-job).
 #
 # The H200 image lacks trl, datasets, bitsandbytes and unsloth: `bash ../shared/gpu/make-bundle.sh .gpu` builds
 # them into .gpu/gpu-site.tgz; the notebook run also needs the wheels in .whl/ (nbclient, ipykernel, wandb, ...),

@@ -167,7 +167,7 @@ def make_dpo_trainer(profile: Profile, model: Any, tokenizer: Any, train_dataset
             # §3). Training batches are grouped by length anyway, and evaluation averages: the order is free.
             if s.group_by_length:
                 dataset = dataset.select(sorted(range(len(dataset)), key=pair_lengths(dataset).__getitem__))
-            folder = Path(self.args.output_dir).with_name(f"{Path(self.args.output_dir).name}-reference") / name
+            folder = Path(f"{self.args.output_dir}-reference") / name
             return super()._precompute_ref_logps(share_between_processes(dataset, folder, self.args), name, batch_size)
 
     trainer = ProjectDPOTrainer(
