@@ -6,13 +6,15 @@ about 120 tokens, at most `--max-prompt-tokens`), rendered with the chat templat
 
 | path | what it is |
 |---|---|
-| `evaluate_generate` | today's `helpers.evaluate.generate`: transformers + peft + bitsandbytes, plain `generate` |
-| `unsloth_generate` | the same function on the Unsloth model after `for_inference` (REFERENCE §3: 576 tok/s at 64) |
+| `greedy_answers` | `helpers.generation.generate`, greedy: what every answer a user watches comes from (`use` record) |
+| `chat` | `helpers.generation.stream`, one answer at batch 1: the streaming chat of notebook 07 (`use` record) |
+| `evaluate_generate` | transformers + peft + bitsandbytes, plain `generate` (the old evaluation path) |
+| `unsloth_generate` | the same on the Unsloth model after `for_inference` (576 new tokens/s at batch 64 on an H200) |
 | `unsloth_generate_graphs` | the same, `UNSLOTH_DECODE_CUDA_GRAPHS=1`: Unsloth's graphed decode (default in its RL) |
 | `merged_dynamic` | a bf16 copy of the model (the merged copy's cost: merged or not, same shapes), plain `generate` |
 | `merged_static_compiled` | the bf16 copy, `cache_implementation="static"` (transformers compiles the decode step) |
 | `continuous_batching` | the bf16 copy, `generate_batch`, its paged KV cache limited to what the batch needs |
-| `sampler_merged` | `helpers.sampling.Sampler(mode="merged")`: merged bf16 copy, static cache, CUDA graph |
+| `sampler_merged` | `llama_sampler.Sampler(mode="merged")`: merged bf16 copy, static cache, CUDA graph |
 | `sampler_lean` | `Sampler(mode="lean")`: the 4-bit policy itself (no copy), static cache, CUDA graph |
 | `sampler_merged_eager` | `sampler_merged` without the CUDA graph: what the graph buys |
 | `sampler_lean_hf` | `sampler_lean` on the transformers + peft + bitsandbytes model (no Unsloth) |
@@ -54,6 +56,8 @@ from pathlib import Path
 from bench_training import GIB, cuda_sync, environment, peak_gib, reset_peak  # this script's folder is on sys.path
 
 PATHS: dict[str, dict] = {  # most telling first: the JSON is written after every path, so a cut run keeps them
+    "greedy_answers": {"kind": "use", "use": "greedy_answers", "batches": [32, 64]},
+    "chat": {"kind": "use", "use": "chat", "batches": [1]},
     "sampler_merged": {"kind": "sampler", "mode": "merged"},
     "sampler_lean": {"kind": "sampler", "mode": "lean"},
     "unsloth_generate_graphs": {"kind": "evaluate", "backend": "unsloth", "unsloth_graphs": True},
@@ -86,7 +90,7 @@ def prompts_for(world: Path, tokenizer, count: int, max_tokens: int) -> list[lis
     """The first `count` DPO prompts of the world (as user turns) of at most `max_tokens` rendered tokens."""
     from shapes import PREFERENCE_FILE
 
-    from helpers.evaluate import render_prompt
+    from llama_sampler import render_prompt
 
     rows = [json.loads(line) for line in (world / PREFERENCE_FILE).read_text().splitlines()]
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
@@ -100,12 +104,12 @@ def load_policy(world: Path, backend: str):
 
     from shapes import MODEL_DIR
 
-    from helpers.config import full_profile
     from helpers.model import add_lora, load_base
+    from helpers.settings import full_profile
 
     profile = replace(full_profile(42, backend), model_id=str(world / MODEL_DIR))
     model, tokenizer = load_base(profile, max_length=4096)
-    return add_lora(model, profile), tokenizer
+    return add_lora(model, profile, tokenizer), tokenizer
 
 
 def load_bf16(world: Path):
@@ -114,19 +118,18 @@ def load_bf16(world: Path):
     from shapes import MODEL_DIR
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from helpers.chat import apply_llama31_template
-    from helpers.model import device
+    from helpers.model import apply_chat_template, device_map
 
-    model = AutoModelForCausalLM.from_pretrained(world / MODEL_DIR, dtype=torch.bfloat16, device_map={"": device()})
+    model = AutoModelForCausalLM.from_pretrained(world / MODEL_DIR, dtype=torch.bfloat16, device_map=device_map())
     if getattr(model, "hf_quantizer", None) is not None:
         model.dequantize()
-    return model.eval(), apply_llama31_template(AutoTokenizer.from_pretrained(world / MODEL_DIR))
+    return model.eval(), apply_chat_template(AutoTokenizer.from_pretrained(world / MODEL_DIR))
 
 
 def left_padded(tokenizer, prompts, device):
     import torch
 
-    from helpers.evaluate import render_prompt
+    from llama_sampler import render_prompt
 
     ids = [render_prompt(tokenizer, p) for p in prompts]
     width = max(map(len, ids))
@@ -138,8 +141,34 @@ def left_padded(tokenizer, prompts, device):
 # --- the paths: each returns run(prompts, new_tokens) -> tokens generated, and facts about itself ---------
 
 
+def path_use(world: Path, spec: dict):
+    """What a user of the notebooks gets: `generation.generate` (greedy, the batch at once) or `generation.stream`
+    (one answer, each token shown as it comes). Random weights may stop early: the record counts what came."""
+    from helpers import generation
+    from llama_sampler import stop_token_ids
+
+    model, tokenizer = load_policy(world, spec["backend"])
+    info, stops = {}, set(stop_token_ids(tokenizer))
+
+    def run(prompts, new_tokens):
+        if spec["use"] == "chat":  # count the sampled ids: the reply's text drops special tokens, which greedy
+            sampler, rows = generation.sampler_for(model, tokenizer), []  # random weights may repeat
+            generate_ids = sampler.generate_ids
+            sampler.generate_ids = lambda *a, **k: rows.extend(generate_ids(*a, **k)) or rows
+            try:
+                generation.stream(model, tokenizer, prompts[0], lambda piece: None, new_tokens)
+            finally:
+                del sampler.generate_ids
+            return next((i + 1 for i, t in enumerate(rows[0]) if t in stops), len(rows[0]))  # up to its stop
+        out = generation.generate(model, tokenizer, prompts, new_tokens, batch_size=len(prompts))
+        info["sampler_mode"] = generation.sampler_for(model, tokenizer).mode
+        return sum(n + s for n, s in zip(out.num_tokens, out.stopped, strict=True))
+
+    return run, info
+
+
 def path_evaluate(world: Path, spec: dict):
-    from helpers import evaluate
+    from llama_sampler import decode, stop_token_ids
 
     if spec.get("unsloth_graphs"):
         os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"] = "1"  # read at each generate() call
@@ -150,15 +179,19 @@ def path_evaluate(world: Path, spec: dict):
         FastLanguageModel.for_inference(model)  # else each generate() call frees the graphs it captured
 
     def run(prompts, new_tokens):
-        model.generation_config.min_new_tokens = new_tokens  # evaluate.generate leaves it to the model's config
-        out = evaluate.generate(model, tokenizer, prompts, new_tokens, sample=True, batch_size=len(prompts))
-        return sum(out.num_tokens)
+        ids, mask, _ = left_padded(tokenizer, prompts, model.device)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+            temperature=1.0, top_p=None, top_k=None, eos_token_id=stop_token_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        return sum(decode(tokenizer, out[:, ids.shape[1] :].tolist()).num_tokens)
 
     return run, {}
 
 
 def path_sampler(world: Path, spec: dict):
-    from helpers.sampling import Sampler
+    from llama_sampler import Sampler
 
     model, tokenizer = load_policy(world, spec["backend"])
     sampler = Sampler(model, tokenizer, mode=spec["mode"], cuda_graph=spec.get("cuda_graph", True))
@@ -186,7 +219,7 @@ def greedy_agreement(model, tokenizer, sampler, prompts, new_tokens: int = 32) -
     import torch
     from trl.trainer.utils import use_adapter
 
-    from helpers.evaluate import render_prompt
+    from llama_sampler import render_prompt
 
     out = sampler.generate(prompts, new_tokens, sample=False, batch_size=len(prompts), min_new_tokens=new_tokens)
     rows = [render_prompt(tokenizer, p) + t for p, t in zip(prompts, out.token_ids, strict=True)]
@@ -202,7 +235,7 @@ def greedy_agreement(model, tokenizer, sampler, prompts, new_tokens: int = 32) -
 
 
 def path_bf16(world: Path, spec: dict):
-    from helpers.chat import stop_token_ids
+    from llama_sampler import stop_token_ids
 
     model, tokenizer = load_bf16(world)
 
@@ -258,7 +291,7 @@ def path_refresh(world: Path, spec: dict) -> dict:
     """Time the first merge and `refresh()` (the cost per RL step), with the LoRA weights changed in between."""
     import torch
 
-    from helpers.sampling import Sampler
+    from llama_sampler import Sampler
 
     model, tokenizer = load_policy(world, spec["backend"])
     sampler = Sampler(model, tokenizer, mode="merged")
@@ -291,11 +324,18 @@ def path_refresh(world: Path, spec: dict) -> dict:
 
 
 KINDS = {
+    "use": path_use,
     "evaluate": path_evaluate,
     "sampler": path_sampler,
     "bf16": path_bf16,
     "continuous_batching": path_continuous_batching,
 }
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 def peak_or_none() -> dict:
@@ -313,14 +353,16 @@ def measure(name: str, spec: dict, world: Path) -> dict:
     from shapes import MODEL_DIR
     from transformers import AutoTokenizer
 
-    from helpers.chat import apply_llama31_template
+    from helpers.model import apply_chat_template
 
-    tokenizer = apply_llama31_template(AutoTokenizer.from_pretrained(world / MODEL_DIR))  # to pick the prompts
+    tokenizer = apply_chat_template(AutoTokenizer.from_pretrained(world / MODEL_DIR))  # to pick the prompts
     records = []
     for batch in spec["batches"]:
         prompts = prompts_for(world, tokenizer, batch, spec["max_prompt_tokens"])
         new_tokens = spec["new_tokens"]
-        record = {"path": name, "batch": batch, "new_tokens": new_tokens}
+        record = {"path": name, "batch": batch, "new_tokens": new_tokens} | (
+            {"use": spec["use"]} if "use" in spec else {}
+        )
         try:
             gc.collect()
             reset_peak()
@@ -336,7 +378,8 @@ def measure(name: str, spec: dict, world: Path) -> dict:
                 seconds=round(seconds, 3),
                 new_tokens_generated=generated,
                 new_tokens_per_s=round(generated / seconds, 1),
-                status="ok" if generated == batch * new_tokens else "wrong token count",
+                status="ok" if generated == batch * new_tokens or "use" in spec else "wrong token count",
+                gpu=torch_device_name(),
             )
         except Exception as e:  # record it and try the next batch size (an out-of-memory at 256 is a result)
             traceback.print_exc()
@@ -373,7 +416,6 @@ def run_path(name: str, spec: dict, world: Path, in_process: bool, timeout_s: in
         else:
             command = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec), "--world", str(world)]
             command += ["--result", str(result_file)]
-            # helpers.backend imports Unsloth on a GPU unless told otherwise: the hf paths must run without it
             env = {**os.environ, "TUTORIAL_BACKEND": spec["backend"]}
             subprocess.run(command, timeout=spec.get("timeout_s", timeout_s), check=False, env=env)
         return json.loads(result_file.read_text()) if result_file.stat().st_size else {"status": "no result"}
@@ -400,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch: helpers.model.device() then says cpu, in workers too
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch: helpers.model.device_map() says cpu, in workers too
     if args.worker:
         return worker(args.worker, json.loads(args.spec), args.world, args.result)
     import torch
@@ -425,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== {name} ===", flush=True)
         spec = {"backend": "hf" if on_cpu else "unsloth", "batches": batches, **PATHS[name]}
         spec.update(device=device, new_tokens=new_tokens, max_prompt_tokens=args.max_prompt_tokens)
-        if on_cpu and not args.batches:
+        if on_cpu and not args.batches and PATHS[name].get("use") != "chat":
             spec["batches"] = batches
         result = run_path(name, spec, world, args.in_process or on_cpu, args.timeout)
         report["records"] += result.pop("records", [])

@@ -1,11 +1,11 @@
 """Data-parallel scaling: the project's SFT and DPO on 1 GPU and on several GPUs of one machine, in one run.
 
-Each (stage, GPUs) case is its own `accelerate launch`: one process per GPU, each with the whole 4-bit model,
-gradients averaged by DDP after every step, the code `python -m helpers.stages` runs (`helpers.train`'s trainers,
-the full profile's settings, on the shapes world of `benchmarks/shapes.py`: random weights with Llama-3.1-8B's
-shapes, synthetic data with realistic lengths). The effective batch stays the profile's
-(`helpers.distributed.split_batch`): DPO's 16 pairs × 2 accumulation on one GPU become 16 pairs on each of two;
-SFT's 8 packed rows become 4 on each of two. So every case takes the same optimizer steps on the same data.
+Each (stage, GPUs) case is its own `accelerate launch`: one process per GPU (accelerate's `PartialState`; each loads
+the whole 4-bit model on its own GPU, `helpers.model.device_map`), gradients averaged by DDP after every step, the
+trainers of `bench_training.py` (notebook 03's and 04's, the full profile's settings, on the shapes world of
+`benchmarks/shapes.py`). The effective batch stays the profile's (`helpers.settings.split_batch`, through
+`run_args`): DPO's 16 pairs × 2 accumulation on one GPU become 16 pairs on each of two; SFT's 8 packed rows become
+4 on each of two. So every case takes the same optimizer steps on the same data.
 
 Each process counts the real (non-padding) tokens and the pairs of its own micro-batches over the steps after the
 warm-up (`bench_training.make_meter`); a case's rate is the sum over processes divided by the slowest process's
@@ -35,7 +35,7 @@ import bench_training  # benchmarks/: this script's folder is first on sys.path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TARGET_SCALING = 1.8  # issue 14: two GPUs should give at least this times one GPU's rate
-WORLD_ROWS = 1300  # rows of each dataset when the world is built here (as benchmarks/h200.sh builds it)
+WORLD_ROWS = 1300  # rows of each dataset when the world is built here (as benchmarks/gpu.sh builds it)
 # Optimizer steps (not micro-steps): warm-up (compilation, allocator) then measured. Rows: enough for all steps.
 CASES: dict[str, dict] = {
     "sft": {"rows": 1200, "warmup_steps": 3, "steps": 8},
@@ -51,41 +51,38 @@ RATE = {"sft": "tokens_per_s", "dpo": "pairs_per_s"}
 
 def worker(stage: str, world: Path, spec: dict, result_dir: Path) -> int:
     """Train `stage` for the spec's warm-up and measured steps in this process; write its counts as JSON."""
-    from helpers import distributed
+    import torch
+    from accelerate import PartialState
 
-    distributed.start()  # first: this process's GPU is the current one before anything touches CUDA
+    # First: join the launcher's process group, this process's GPU the current one. `cpu`: without GPUs, processes are
+    # found only when asked for on the CPU (the Trainer asks so later, too late for `run_args` to split the batch).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    from helpers import settings
+
     if spec["backend"] == "unsloth":
-        import unsloth  # noqa: F401  (before transformers, peft and trl: it patches them)
+        settings.import_unsloth()  # before transformers, peft and trl: it patches them
     from transformers.trainer_utils import SaveStrategy
-
-    from helpers import train
-    from helpers.model import load_for_training
 
     profile = bench_training.bench_profile(world, spec, result_dir / "outputs")
     steps = spec["warmup_steps"] + spec["steps"]
     profile = replace(profile, **{stage: replace(getattr(profile, stage), max_steps=steps)})
-    s = getattr(profile, stage)
-    model, tokenizer = load_for_training(profile, s.max_length)
-    rows = bench_training.train_split(profile, tokenizer, stage)
-    make = train.make_sft_trainer if stage == "sft" else train.make_dpo_trainer
-    trainer = make(profile, model, tokenizer, rows)
+    trainer = (bench_training.sft_stage if stage == "sft" else bench_training.dpo_stage)(profile).trainer
     trainer.args.save_strategy = SaveStrategy.NO  # the end-of-training checkpoint would only cost time
     warmup = spec["warmup_steps"] * trainer.args.gradient_accumulation_steps  # in micro-steps
-    meter = bench_training.make_meter(trainer, tokenizer.pad_token_id, "budget", warmup, float("inf"))
+    meter = bench_training.make_meter(trainer, trainer.processing_class.pad_token_id, "budget", warmup, float("inf"))
     bench_training.reset_peak()
     trainer.train()
     result = bench_training.summarize(meter, stage)
     result.pop("micro_steps")
+    a = trainer.args
     result |= bench_training.peak_gib() | {
-        "rank": distributed.rank(),
+        "rank": state.process_index,
         "optimizer_steps": trainer.state.global_step,
-        "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
-        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
-        "effective_batch": trainer.args.per_device_train_batch_size
-        * trainer.args.world_size
-        * trainer.args.gradient_accumulation_steps,
+        "per_device_train_batch_size": a.per_device_train_batch_size,
+        "gradient_accumulation_steps": a.gradient_accumulation_steps,
+        "effective_batch": a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
     }
-    (result_dir / f"rank{distributed.rank()}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (result_dir / f"rank{state.process_index}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -1,21 +1,22 @@
-"""Training speed and peak GPU memory: the project's SFT and DPO paths against three references, on one GPU.
+"""Training speed and peak GPU memory: the project's SFT and DPO stages against three references, on one GPU.
 
 Every path runs in its own process, one after the other, on the same data (the shapes world: random weights with
 Llama-3.1-8B's exact shapes, synthetic data with realistic, varied lengths; see `benchmarks/shapes.py`):
 
 | path | what it is |
 |---|---|
-| `project_sft` | `helpers.model.load_for_training` + `helpers.train.make_sft_trainer`, the full profile's settings |
+| `project_sft` | `helpers.training.build_sft`: notebook 03's stage, the full profile's settings |
 | `plain_unsloth_loop` | the same model and LoRA, a bare PyTorch loop on full fixed-length batches of random tokens |
 | `unsloth_trl_defaults_sft` | Unsloth + TRL `SFTTrainer`, default settings: batch 2, no packing, shuffled |
 | `hf_peft_bnb_sft` | the project's SFT path with `backend="hf"`: transformers + peft + bitsandbytes, no Unsloth |
-| `project_dpo` | `helpers.train.make_dpo_trainer`, the full profile's settings (length-grouped batches) |
+| `project_dpo` | `helpers.training.ProjectDPOTrainer` on fresh adapters, the full profile's settings (length-grouped) |
 | `unsloth_trl_defaults_dpo` | Unsloth + TRL `DPOTrainer`, default settings: batch 2, shuffled |
-| `project_dpo_2048_b2` | the project's DPO path at `max_length` 2048, batch 2: the 16 GB GPU recipe |
+| `project_dpo_2048_b2`, `project_dpo_b32` | the project's DPO at `max_length` 2048 and batch 2; with 32 pairs a batch |
 | `project_dpo_two_epochs`, `project_dpo_precompute` | two epochs without and with `precompute_ref_log_probs` |
 
-The reference paths load the model as the project does (`load_for_training`: Unsloth, or with `"backend": "hf"`
-transformers + peft + bitsandbytes) and change only what their name says.
+The project's paths are wrapped in `helpers.training.Stage` (its callbacks and library fixes), as the notebooks'
+stages are. DPO starts from fresh adapters rather than a trained SFT adapter: a step costs the same. The reference
+paths load the model as the project does (`model.load_for_training`) and change only what their name says.
 
 Counted: real (non-padding) tokens, padded tokens and DPO pairs, over whole steps, end to end (data loading, the
 optimizer, logging; for DPO the reference forward). Warm-up is excluded, by mode: `budget` times the steps after
@@ -26,26 +27,22 @@ steps and one more optimizer step on copies of the longest example (the worst ba
 
     python benchmarks/shapes.py --out /tmp/shapes-world --model   # on the GPU machine (random 8B weights, ~1 min)
     python benchmarks/bench_training.py --world /tmp/shapes-world --out benchmarks/results/NAME.json --paths ...
-    python benchmarks/report.py benchmarks/results/h200-run*.json  # the tables, into benchmarks/README.md
+    python benchmarks/report.py                                     # the tables, into benchmarks/README.md
 
 `--repeats N` runs every path N times, interleaved (round 1 of every path, then round 2, ...): each path's record is
 its median run, with the median and range of its rates and every run under `repeats`, and report.py judges targets
 on the medians. `--resume` keeps the runs the `--out` file holds and runs only the missing ones, in the same order,
-on the same world: repeats that take longer than one sitting (the lent GPU allows 10 minutes a call) are recorded
-with the date and command of every sitting under `sittings`.
+on the same world, recording the date and command of every sitting under `sittings`.
 
 `--tiny` runs the same code on a CPU in about a minute, every path in this process: the smoke world's model and
 data under the full profile's settings, with the hf backend; it checks the code, nothing more:
 
     python benchmarks/bench_training.py --tiny --out t.json --repeats 3 --paths project_dpo unsloth_trl_defaults_dpo
-
-Only the JSON is kept; the model stays in the world folder (16 GB at most: never commit it).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.metadata
 import json
 import os
@@ -61,16 +58,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 GIB = 1024**3
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
 # Rows of each dataset the benchmark reads (the same rows for every path of a stage). SFT paths run on a time
 # budget after a few warm-up steps: packed and shuffled batches vary little from step to step. DPO paths first
-# train on a few rows (compilation), then time one whole epoch over the same fixed set of pairs, so grouped and
-# shuffled batching are timed on exactly the same pairs, all of them.
-SFT_ROWS = 1200
-DPO_ROWS = 240
-DPO_WARM_ROWS = 32
-
+# train on a few rows (compilation), then time one whole epoch over the same fixed set of pairs.
+SFT_ROWS, DPO_ROWS, DPO_WARM_ROWS = 1200, 240, 32
 PATHS: dict[str, dict] = {
     "project_sft": {"kind": "project_sft", "mode": "budget", "warmup": 6, "budget_s": 25},
     "plain_unsloth_loop": {"kind": "plain_loop", "warmup": 3, "steps": 8},
@@ -96,9 +87,8 @@ PATHS: dict[str, dict] = {
     "project_dpo_two_epochs": {"kind": "project_dpo", "mode": "two_epochs"},
     "project_dpo_precompute": {"kind": "project_dpo", "mode": "two_epochs", "dpo": {"precompute_ref_log_probs": True}},
 }
-# --tiny: the same code on a CPU in seconds: the smoke world's model and data (short rows) under the full
-# profile's settings, transformers + peft + bitsandbytes, every path in this process. It checks the code and
-# measures nothing useful. These values replace the paths' own.
+# --tiny: the smoke world's model and data under the full profile's settings, hf backend, every path in this
+# process. These values replace the paths' own.
 TINY = {"world": "smoke", "backend": "hf", "rows": 64, "warm_rows": 8, "warmup": 1, "budget_s": 1, "steps": 2}
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate", "datasets")
 
@@ -198,9 +188,8 @@ def summarize(meter, stage: str) -> dict:
         raise RuntimeError(f"nothing measured: {n} micro-steps ran, warm-up needs {first}")
     start = meter.measure_start(first)
     seconds = meter.ends[n - 1] - start
-    tokens = sum(c[0] for c in meter.counts[first:n])
-    rows = sum(c[1] for c in meter.counts[first:n])
-    padded = sum(c[2] for c in meter.counts[first:n])
+    tokens, rows, padded = (sum(c[i] for c in meter.counts[first:n]) for i in range(3))
+    steps = [meter.ends[i] - (meter.ends[i - 1] if i else meter.start) for i in range(n)]
     result = {
         "measured_micro_steps": n - first,
         "warmup_micro_steps": first,
@@ -210,13 +199,7 @@ def summarize(meter, stage: str) -> dict:
         "padded_tokens": padded,
         "real_token_share": round(tokens / padded, 4),
         "warmup_s": round(start - meter.start, 2),
-        "micro_steps": [
-            [
-                round(meter.ends[i] - meter.ends[i - 1], 3) if i else round(meter.ends[0] - meter.start, 3),
-                *meter.counts[i],
-            ]
-            for i in range(n)
-        ][:300],
+        "micro_steps": [[round(s, 3), *c] for s, c in zip(steps, meter.counts, strict=False)][:300],
     }
     if stage == "dpo":
         result["pairs"] = rows // 2
@@ -225,20 +208,16 @@ def summarize(meter, stage: str) -> dict:
 
 
 def probe_longest(trainer, batch_size: int) -> dict:
-    """One more optimizer step, on copies of the longest example only: the worst batch for memory.
-
-    It runs through `trainer.train()` (one step), so memory is what training uses (gradient checkpointing,
-    offloading), and its peak is reported on its own.
-    """
-    from helpers.train import pair_lengths
-
-    dataset = trainer.train_dataset
-    if "chosen_ids" in dataset.column_names:
-        lengths = pair_lengths(dataset)
+    """One more optimizer step through `trainer.train()` (so with training's own memory savings), on copies of the
+    longest example only: the worst batch for memory, its peak reported on its own."""
+    d = trainer.train_dataset
+    if "chosen_ids" in d.column_names:  # a pair's length as the grouping sampler measures it
+        pairs = zip(d["prompt_ids"], d["chosen_ids"], d["rejected_ids"], strict=True)
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
     else:
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        lengths = [len(ids) for ids in d["input_ids"]]
     longest = max(range(len(lengths)), key=lengths.__getitem__)
-    trainer.train_dataset = dataset.select([longest] * batch_size * trainer.args.gradient_accumulation_steps)
+    trainer.train_dataset = d.select([longest] * batch_size * trainer.args.gradient_accumulation_steps)
     trainer.args.max_steps = 1
     reset_peak()
     start = time.perf_counter()
@@ -252,82 +231,15 @@ def probe_longest(trainer, batch_size: int) -> dict:
     }
 
 
-def train_split(profile, tokenizer, stage: str):
-    """The training rows `helpers.pipeline` gives a stage: the same subset, split by problem and length filter."""
-    from helpers import pipeline
-
-    data = pipeline.sft_data(profile, tokenizer) if stage == "sft" else pipeline.preference_data(profile, tokenizer)
-    print(data.summary(), flush=True)
-    return data.train
-
-
-def count_attention_calls(backend: str) -> dict[str, int]:
-    """Count which of Unsloth's packed-attention routes runs: one flash call per layer, or one SDPA per sequence."""
-    counts = {"flash_varlen": 0, "per_sequence_sdpa_layers": 0}
-    if backend != "unsloth":
-        return counts
-    try:
-        from unsloth.utils import attention_dispatch as dispatch
-    except ImportError:
-        return counts
-    lean, segments = dispatch._LeanFlashVarlen, dispatch._sdpa_packed_segments
-
-    class CountingFlashVarlen:
-        @staticmethod
-        def apply(*args):
-            counts["flash_varlen"] += 1
-            return lean.apply(*args)
-
-    def counting_segments(*args, **kwargs):
-        counts["per_sequence_sdpa_layers"] += 1
-        return segments(*args, **kwargs)
-
-    dispatch._LeanFlashVarlen, dispatch._sdpa_packed_segments = CountingFlashVarlen, counting_segments
-    return counts
-
-
-def path_check_flash_varlen(world: Path, spec: dict, tmp: Path) -> dict:
-    """`helpers.train.enable_packed_flash_attention` against one causal SDPA per sequence: outputs and gradients."""
-    import torch
-    import torch.nn.functional as F
-
-    from helpers.workarounds import enable_packed_flash_attention
-
-    changed = enable_packed_flash_attention()
-    from unsloth.utils import attention_dispatch as dispatch
-
-    torch.manual_seed(0)
-    lengths = [300, 700, 1048, 1, 2000]
-    total, heads, kv_heads, dim = sum(lengths), 32, 8, 128
-    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    out = dispatch._varlen_attn_call(q, k, v, cu, max(lengths), scale=None, window_size=(-1, 0), enable_gqa=True)
-    grad = torch.randn_like(out)
-    fast = [out, *torch.autograd.grad(out, (q, k, v), grad)]
-    refs = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-        qs, ks, vs = (x[a:b].float().transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        refs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
-    ref = torch.cat(refs)
-    slow = [ref, *torch.autograd.grad(ref, (q, k, v), grad.float())]
-    errors = {
-        name: round(float((f.float() - s.float()).norm() / s.float().norm()), 5)
-        for name, f, s in zip(("out", "dq", "dk", "dv"), fast, slow, strict=True)
-    }
-    return {"changed": changed, "relative_errors_vs_fp32_sdpa": errors, "ok": all(e < 2e-2 for e in errors.values())}
-
-
 # --- the paths --------------------------------------------------------------------------------------------
 
 
 def bench_profile(world: Path, spec: dict, tmp: Path):
-    """The full profile on the shapes world, with the path's rows, epochs and settings, and no checkpoints."""
+    """The full profile on the shapes world, with the path's rows, epochs and settings, no checkpoints and no
+    evaluation during training."""
     from shapes import shapes_profile  # benchmarks/shapes.py: this script's folder is first on sys.path
 
-    from helpers.config import full_profile, smoke_profile
-    from helpers.environment import override
+    from helpers.settings import full_profile, override, smoke_profile
 
     backend = spec.get("backend", "unsloth")
     if spec.get("world") == "smoke":  # --tiny
@@ -335,20 +247,41 @@ def bench_profile(world: Path, spec: dict, tmp: Path):
         profile = override(full_profile(42, backend), {"model_id": smoke.model_id, "data": asdict(smoke.data)}, "tiny")
     else:
         profile = shapes_profile(world, backend=backend)
-    epochs = 2 if spec.get("mode") == "two_epochs" else 1
-    common = dict(num_train_epochs=epochs, max_steps=-1, save_steps=10**9)
+    common = dict(num_train_epochs=2 if spec.get("mode") == "two_epochs" else 1, max_steps=-1, save_steps=10**9)
     rows = dict(max_sft_rows=spec.get("rows", SFT_ROWS), max_preference_rows=spec.get("rows", DPO_ROWS))
     return replace(
         profile,
         data=replace(profile.data, **rows),
-        sft=replace(profile.sft, **common, **spec.get("sft", {})),
+        sft=replace(profile.sft, **common, eval_steps=10**9, **spec.get("sft", {})),
         dpo=replace(profile.dpo, **common, **spec.get("dpo", {})),
         report_to_wandb=False,
         outputs_root=str(tmp),
     )
 
 
-def run_trainer(trainer, spec: dict, stage: str, batch_size: int) -> dict:
+def sft_stage(profile):
+    """Notebook 03's stage (`training.build_sft`)."""
+    from helpers import training
+
+    return training.build_sft(profile)
+
+
+def dpo_stage(profile):
+    """Notebook 04's stage on fresh adapters (`training.build_dpo` would train SFT first); `notes["build_s"]`: the
+    trainer's construction, which holds the reference pass when it is precomputed."""
+    from helpers import data, model, training
+    from helpers.settings import dpo_config
+
+    policy, tokenizer = model.load_for_training(profile, max(2048, profile.dpo.max_length))
+    pairs = data.preference_data(profile, tokenizer)
+    start = time.perf_counter()
+    trainer = training.ProjectDPOTrainer(
+        model=policy, ref_model=None, args=dpo_config(profile), train_dataset=pairs.train, processing_class=tokenizer
+    )
+    return training.Stage(profile, "dpo", trainer, pairs, notes={"build_s": round(time.perf_counter() - start, 2)})
+
+
+def run_trainer(trainer, spec: dict, stage: str) -> dict:
     """Train with the meter attached; then probe the longest batch. Returns rates, memory and the final loss."""
     pad_id = trainer.processing_class.pad_token_id
     meter = make_meter(trainer, pad_id, spec.get("mode", "budget"), spec.get("warmup", 3), spec.get("budget_s", 60))
@@ -360,13 +293,15 @@ def run_trainer(trainer, spec: dict, stage: str, batch_size: int) -> dict:
         trainer.train_dataset = full
     output = trainer.train()
     result = summarize(meter, stage)
-    result["train_loss"] = round(float(output.training_loss), 4)
-    result["optimizer_steps"] = trainer.state.global_step
-    result["train_rows"] = len(trainer.train_dataset)
-    result["timed_peak"] = peak_gib()
-    result.update(result["timed_peak"])
+    result |= {
+        "train_loss": round(float(output.training_loss), 4),
+        "optimizer_steps": trainer.state.global_step,
+        "train_rows": len(trainer.train_dataset),
+        "timed_peak": peak_gib(),
+        **peak_gib(),
+    }
     try:
-        result.update(probe_longest(trainer, batch_size))
+        result.update(probe_longest(trainer, trainer.args.per_device_train_batch_size))
         for key, value in result["probe_peak"].items():
             result[key] = max(result.get(key, 0), value)
     except Exception as e:  # the probe is extra evidence; the rates stand without it
@@ -375,36 +310,13 @@ def run_trainer(trainer, spec: dict, stage: str, batch_size: int) -> dict:
     return result
 
 
-def path_project_sft(world: Path, spec: dict, tmp: Path) -> dict:
-    from helpers import train
-    from helpers.model import load_for_training
-
-    profile = bench_profile(world, spec, tmp)
-    if spec.get("flash_varlen") is False:
-        train.enable_packed_flash_attention = lambda: False
-    model, tokenizer = load_for_training(profile, profile.sft.max_length)
-    trainer = train.make_sft_trainer(profile, model, tokenizer, train_split(profile, tokenizer, "sft"))
-    attention_calls = count_attention_calls(profile.backend)
-    result = run_trainer(trainer, spec, "sft", profile.sft.per_device_train_batch_size)
-    result["settings"] = {k: getattr(profile.sft, k) for k in ("per_device_train_batch_size", "max_length", "packing")}
-    result["attention_calls"] = attention_calls
-    return result
-
-
-def path_project_dpo(world: Path, spec: dict, tmp: Path) -> dict:
-    from helpers import train
-    from helpers.model import load_for_training
-
-    profile = bench_profile(world, spec, tmp)
-    model, tokenizer = load_for_training(profile, max(2048, profile.dpo.max_length))
-    rows = train_split(profile, tokenizer, "dpo")
-    start = time.perf_counter()  # building includes the reference pass when it is precomputed
-    trainer = train.make_dpo_trainer(profile, model, tokenizer, rows)
-    build_s = round(time.perf_counter() - start, 2)
-    result = run_trainer(trainer, spec, "dpo", profile.dpo.per_device_train_batch_size)
-    result["build_s"] = build_s
-    names = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "group_by_length")
-    result["settings"] = {k: getattr(profile.dpo, k) for k in (*names, "precompute_ref_log_probs")}
+def path_project(world: Path, spec: dict, tmp: Path) -> dict:
+    profile, stage = bench_profile(world, spec, tmp), spec["kind"].removeprefix("project_")
+    built = sft_stage(profile) if stage == "sft" else dpo_stage(profile)
+    result = run_trainer(built.trainer, spec, stage) | built.notes
+    names = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length")
+    extra = ("packing",) if stage == "sft" else ("train_sampling_strategy", "precompute_ref_log_probs")
+    result["settings"] = {k: getattr(getattr(profile, stage), k) for k in names + extra}
     return result
 
 
@@ -420,9 +332,7 @@ def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
     length = spec.get("length", profile.sft.max_length)
     model, _ = load_for_training(profile, length)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
-    vocab = model.config.vocab_size
+    optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)
     reset_peak()
@@ -430,7 +340,7 @@ def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
     for _ in range(spec["warmup"] + spec["steps"]):
         cuda_sync()
         start = time.perf_counter()
-        ids = torch.randint(0, vocab, (batch, length), device=device, generator=generator)
+        ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device, generator=generator)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -453,82 +363,52 @@ def path_plain_loop(world: Path, spec: dict, tmp: Path) -> dict:
     }
 
 
-def path_defaults_sft(world: Path, spec: dict, tmp: Path) -> dict:
-    """Unsloth + TRL as its notebooks start: SFTConfig defaults but batch 2 and max_length 2048."""
+def path_defaults(world: Path, spec: dict, tmp: Path) -> dict:
+    """Unsloth + TRL as their notebooks start: TRL's config defaults (DPO: max_length 1024, shuffled) but batch 2 and
+    for SFT max_length 2048; DPO's reference is TRL's own adapter copy."""
     import torch
 
+    from helpers import data, fixes
     from helpers.model import load_for_training
-    from helpers.workarounds import install_cpu_logprob_fallback
 
     profile = bench_profile(world, spec, tmp)
     model, tokenizer = load_for_training(profile, 2048)
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    install_cpu_logprob_fallback()
-
-    rows = train_split(profile, tokenizer, "sft")
-    config = SFTConfig(
-        output_dir=str(tmp / "defaults-sft"),
-        per_device_train_batch_size=2,
-        max_length=2048,
-        num_train_epochs=profile.sft.num_train_epochs,
-        save_strategy="no",
-        report_to=[],
-        bf16=torch.cuda.is_available(),
-        seed=42,
-    )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer)
-    attention_calls = count_attention_calls(profile.backend)
-    result = run_trainer(trainer, spec, "sft", 2)
-    result["attention_calls"] = attention_calls
-    result["settings"] = {"per_device_train_batch_size": 2, "max_length": 2048, "packing": False}
-    result["settings"]["padding_free"] = bool(getattr(trainer.args, "padding_free", False))
-    return result
-
-
-def path_defaults_dpo(world: Path, spec: dict, tmp: Path) -> dict:
-    """Unsloth + TRL DPOTrainer with its defaults (max_length 1024), batch 2, shuffled; reference = adapter copy."""
-    import torch
-
-    from helpers.model import load_for_training
-    from helpers.workarounds import install_cpu_logprob_fallback
-
-    profile = bench_profile(world, spec, tmp)
-    model, tokenizer = load_for_training(profile, 2048)
-    from trl import DPOConfig, DPOTrainer
-
-    install_cpu_logprob_fallback()
-
-    rows = train_split(profile, tokenizer, "dpo")
-    config = DPOConfig(
-        output_dir=str(tmp / "defaults-dpo"),
-        per_device_train_batch_size=2,
-        num_train_epochs=profile.dpo.num_train_epochs,
-        save_strategy="no",
-        report_to=[],
-        bf16=torch.cuda.is_available(),
-        seed=42,
-    )
-    trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=rows, processing_class=tokenizer)
-    result = run_trainer(trainer, spec, "dpo", 2)
-    result["settings"] = {"per_device_train_batch_size": 2, "max_length": config.max_length, "group_by_length": False}
+    fixes.install_cpu_logprob_fallback()  # TRL's log-prob kernel is Triton only
+    common = dict(output_dir=str(tmp / "defaults"), per_device_train_batch_size=2, save_strategy="no", report_to=[])
+    common |= dict(bf16=torch.cuda.is_available(), seed=42)
+    if spec["kind"] == "defaults_sft":
+        config = SFTConfig(**common, max_length=2048, num_train_epochs=profile.sft.num_train_epochs)
+        rows = data.sft_data(profile, tokenizer).train
+        trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer)
+        stage, packing = "sft", config.packing
+    else:
+        config = DPOConfig(**common, num_train_epochs=profile.dpo.num_train_epochs)
+        rows = data.preference_data(profile, tokenizer).train
+        trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=rows, processing_class=tokenizer)
+        stage, packing = "dpo", False
+    result = run_trainer(trainer, spec, stage)
+    result["settings"] = {"per_device_train_batch_size": 2, "max_length": config.max_length, "packing": packing}
+    result["settings"]["train_sampling_strategy"] = config.train_sampling_strategy
     return result
 
 
 KINDS = {
-    "check_flash_varlen": path_check_flash_varlen,
-    "project_sft": path_project_sft,
-    "project_dpo": path_project_dpo,
+    "project_sft": path_project,
+    "project_dpo": path_project,
     "plain_loop": path_plain_loop,
-    "defaults_sft": path_defaults_sft,
-    "defaults_dpo": path_defaults_dpo,
+    "defaults_sft": path_defaults,
+    "defaults_dpo": path_defaults,
 }
 
 
 def worker(name: str, spec: dict, world: Path, result_file: Path) -> int:
     """Run one path (in this process) and write its result as JSON."""
+    from helpers import settings
+
     if spec.get("backend", "unsloth") == "unsloth":
-        import unsloth  # noqa: F401  (first: it patches transformers, peft and trl)
+        settings.import_unsloth()  # first: it patches transformers, peft and trl
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         try:
@@ -539,7 +419,6 @@ def worker(name: str, spec: dict, world: Path, result_file: Path) -> int:
     result["spec"] = spec
     result["process_s"] = round(time.perf_counter() - started, 1)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
-    gc.collect()
     return 0
 
 
@@ -547,7 +426,7 @@ def worker(name: str, spec: dict, world: Path, result_file: Path) -> int:
 
 
 def environment() -> dict:
-    """GPU, versions, date and command: what a reader needs to trust or repeat the numbers."""
+    """Machine, GPU, versions, date and command: what a reader needs to trust or repeat the numbers."""
     import torch
 
     versions = {}
@@ -569,6 +448,7 @@ def environment() -> dict:
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu['name'] if gpu else 'no GPU'}",
         "python": platform.python_version(),
         "gpu": gpu,
         "cpu_count": os.cpu_count(),
@@ -594,9 +474,8 @@ def run_path(name: str, spec: dict, world: Path, timeout_s: int, in_process: boo
         worker(name, spec, world, result_file)
     else:
         command = [sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec), "--world", str(world)]
-        env = {**os.environ, "TUTORIAL_BACKEND": spec.get("backend", "unsloth")}
         try:
-            subprocess.run([*command, "--result", str(result_file)], timeout=timeout_s, check=False, env=env)
+            subprocess.run([*command, "--result", str(result_file)], timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
             result_file.unlink(missing_ok=True)
             return {"status": "timeout", "timeout_s": timeout_s, "spec": spec}
@@ -644,41 +523,29 @@ def earlier_runs(record: dict | None) -> list[dict]:
     return runs
 
 
-def run_all(
-    world: Path,
-    out: Path,
-    names: list[str],
-    specs: dict,
-    timeout_s: int,
-    repeats: int,
-    in_process: bool,
-    resume: bool = False,
-) -> dict:
-    """Every path `repeats` times, interleaved (round 1 of every path, then round 2, ...), so a drift of the
-    machine hits every path alike. `out` is rewritten after every run (a killed run keeps its part); with `resume`
-    the runs it holds count, and only the missing ones run, in the same order (a run longer than one sitting)."""
-    stats = world / "stats.json"
+def run_all(args: argparse.Namespace, world: Path, specs: dict, in_process: bool) -> dict:
+    """Every path `args.repeats` times, interleaved (round 1 of every path, then round 2, ...), so a drift of the
+    machine hits every path alike. `args.out` is rewritten after every run (a killed run keeps its part); with
+    `args.resume` the runs it holds count, and only the missing ones run, in the same order."""
+    stats, out, repeats = world / "stats.json", args.out, args.repeats
     report = {**environment(), "world": json.loads(stats.read_text()) if stats.exists() else {"folder": str(world)}}
     report["repeats"], report["paths"] = repeats, {}
-    if resume and out.exists():
+    if args.resume and out.exists():
         earlier = json.loads(out.read_text())
         if earlier["world"] != report["world"]:
             raise SystemExit(f"{out} was measured on another world than {world}: resume only on the same one.")
         sittings = earlier.get("sittings", [{k: earlier[k] for k in ("date", "command")}])
         report = earlier | {"repeats": repeats, "sittings": [*sittings, {k: report[k] for k in ("date", "command")}]}
-    runs = {name: earlier_runs(report["paths"].get(name)) for name in names}
+    runs = {name: earlier_runs(report["paths"].get(name)) for name in args.paths}
     for round_ in range(1, repeats + 1):
-        for name in names:
-            if len(runs[name]) >= round_:
-                continue
+        for name in (n for n in args.paths if len(runs[n]) < round_):
             print(f"\n=== {name} (run {round_} of {repeats}) ===", flush=True)
-            result = run_path(name, specs[name], world, timeout_s, in_process)
+            result = run_path(name, specs[name], world, args.timeout, in_process)
             runs[name].append(result)
             report["paths"][name] = combine(runs[name])
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1) + "\n")
-            shown = {k: v for k, v in result.items() if k not in ("micro_steps", "spec")}
-            print(f"{name}: {json.dumps(shown)}", flush=True)
+            print(f"{name}: {json.dumps({k: v for k, v in result.items() if k not in ('micro_steps', 'spec')})}")
     return report
 
 
@@ -688,11 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--paths", nargs="*", default=list(PATHS), help=f"default: all of {', '.join(PATHS)}")
     parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="PATH=JSON",
-        help='override or add a path spec, e.g. project_dpo_b16=\'{"kind": "project_dpo", ...}\'',
+        "--set", action="append", default=[], metavar="PATH=JSON", help="override or add a path spec (JSON)"
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs of every path, interleaved; medians reported")
     parser.add_argument("--resume", action="store_true", help="keep the runs --out holds; run only the missing ones")
@@ -710,19 +573,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--world is required (or --tiny)")
     if args.worker:
         return worker(args.worker, json.loads(args.spec), args.world.resolve(), args.result)
-    specs = dict(PATHS)
-    for item in args.set:
-        name, _, text = item.partition("=")
-        specs[name] = json.loads(text)
+    specs = PATHS | {name: json.loads(text) for name, _, text in (s.partition("=") for s in args.set)}
     unknown = [n for n in args.paths if n not in specs]
-    if unknown:
-        parser.error(f"unknown paths {unknown}; known: {', '.join(specs)}")
-    if args.out is None:
-        parser.error("--out is required")
+    if unknown or args.out is None:
+        parser.error(f"--out is required; unknown paths {unknown}; known: {', '.join(specs)}")
     if args.tiny:
         specs = {name: spec | TINY for name, spec in specs.items()}
-    world = args.world.resolve()
-    report = run_all(world, args.out, args.paths, specs, args.timeout, args.repeats, args.tiny, args.resume)
+    report = run_all(args, args.world.resolve(), specs, in_process=args.tiny)
     failed = [n for n, r in report["paths"].items() if r.get("status") != "ok"]
     print(f"\nwrote {args.out}; failed: {failed or 'none'}")
     return 1 if failed else 0

@@ -1,11 +1,12 @@
 """Does batching by length bias DPO? Train the smoke profile's DPO with and without it and compare (CPU, minutes).
 
-`group_by_length=True` (the project's setting) sorts pairs by length, cuts the sorted list into batches and shuffles
-the order of the batches each epoch (`helpers.train.LengthBucketSampler`); `False` is TRL's shuffled sampler.
-Both start from the same SFT adapter and see every pair once an epoch, so only the batching differs. Several seeds,
-because one seed's curve is noisy. Written: `results/length_grouping_smoke.json` and `.png`.
+`train_sampling_strategy="group_by_length"` (the project's setting: transformers' length grouping, through
+`helpers.training.ProjectDPOTrainer`'s `EpochSeededLengthGroupedSampler`) puts pairs of similar length in one batch,
+in a shuffled order that changes every epoch; `"random"` is transformers' shuffled sampler. Both start from the same
+SFT adapter and see every pair once an epoch, so only the batching differs. Several seeds, because one seed's curve
+is noisy. Written: `results/length_grouping_smoke.json` (with machine, versions, date and command) and `.png`.
 
-    python benchmarks/length_grouping_smoke.py --seeds 42 1 7
+    OMP_NUM_THREADS=1 python benchmarks/length_grouping_smoke.py --seeds 42 1 7
 """
 
 from __future__ import annotations
@@ -19,36 +20,35 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench_training import environment  # this script's folder is first on sys.path
+
 RESULTS = Path(__file__).resolve().parent / "results"
+STRATEGIES = {"grouped": "group_by_length", "shuffled": "random"}
 
 
 def run_seed(seed: int, outputs_root: Path) -> dict:
     """SFT once, then DPO twice from that adapter (grouped, shuffled); losses and held-out rewards of each."""
-    from helpers import pipeline, train
-    from helpers.config import smoke_profile
-    from helpers.model import load_for_training
+    from helpers import machine, settings, training
 
-    base = replace(smoke_profile(seed, "hf"), report_to_wandb=False, outputs_root=str(outputs_root))
-    pipeline.prepare(base)
-    pipeline.ensure_adapter(base, "sft")
+    base = replace(settings.smoke_profile(seed, "hf"), report_to_wandb=False, outputs_root=str(outputs_root))
+    machine.prepare(base)
+    training.ensure(base, "sft")
     runs = {}
-    for grouped in (True, False):
-        profile = replace(base, dpo=replace(base.dpo, group_by_length=grouped, save_steps=10**9))
-        model, tokenizer = load_for_training(profile, profile.dpo.max_length, adapter_dir=profile.sft_adapter_dir)
-        pairs = pipeline.preference_data(profile, tokenizer)
-        trainer = train.make_dpo_trainer(profile, model, tokenizer, pairs.train, pairs.eval)
+    for name, strategy in STRATEGIES.items():
+        profile = replace(base, dpo=replace(base.dpo, train_sampling_strategy=strategy, save_steps=10**9))
+        trainer = training.build_dpo(profile).trainer
         start = time.perf_counter()
         trainer.train()
-        after = trainer.evaluate(metric_key_prefix="eval")
-        history = train.log_history(trainer)
-        name = "grouped" if grouped else "shuffled"
+        train_s = time.perf_counter() - start
+        after = trainer.evaluate()
+        history = trainer.state.log_history
         runs[name] = {
             "steps": [h["step"] for h in history if "loss" in h],
             "loss": [round(h["loss"], 5) for h in history if "loss" in h],
             "eval_loss": round(after["eval_loss"], 5),
             "eval_reward_accuracy": round(after["eval_rewards/accuracies"], 4),
             "eval_reward_margin": round(after["eval_rewards/margins"], 4),
-            "train_s": round(time.perf_counter() - start, 1),
+            "train_s": round(train_s, 1),
         }
         print(seed, name, {k: v for k, v in runs[name].items() if "eval" in k}, flush=True)
     return runs
@@ -69,7 +69,7 @@ def plot(results: dict, path: Path) -> None:
         # Grouped batches hold pairs of one kind, so single logged losses scatter more: compare running means.
         window = 8
         smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
-        label = "grouped by length, batches shuffled" if name == "grouped" else "shuffled pairs (TRL default)"
+        label = "grouped by length" if name == "grouped" else "shuffled pairs (transformers' default)"
         ax.plot(steps, smooth, color=color, linewidth=2.5, label=f"{label} (mean of {len(curves)} seeds)")
     ax.set(xlabel="optimizer step", ylabel="DPO training loss")
     ax.set_title("Smoke profile DPO: batching by length (thin: logged; thick: running mean of 8)", fontsize=10)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return 0
-    results = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "seeds": {}}
+    results = {**environment(), "seeds": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="grouping-") as tmp:
         for seed in args.seeds:  # written after every seed, so a stopped run keeps the seeds it finished

@@ -22,11 +22,11 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 GROUPING_START, GROUPING_END = "<!-- grouping:start -->", "<!-- grouping:end -->"
 
 DESCRIPTIONS = {
-    "project_sft": "project SFT: `make_sft_trainer`, full profile (packing 8 × 2048)",
+    "project_sft": "project SFT: notebook 03's trainer, full profile (packing 8 × 2048)",
     "plain_unsloth_loop": "plain Unsloth loop, full fixed-length batches 8 × 2048",
     "unsloth_trl_defaults_sft": "Unsloth + TRL `SFTTrainer` defaults (batch 2, shuffled)",
     "hf_peft_bnb_sft": "transformers + peft + bitsandbytes: project SFT with `backend=hf`",
-    "project_dpo": "project DPO: `make_dpo_trainer`, full profile (16 pairs, grouped by length)",
+    "project_dpo": "project DPO: notebook 04's trainer, full profile (16 pairs, grouped by length)",
     "project_dpo_b32": "project DPO with 32 pairs a batch (the candidate for 80 GB GPUs)",
     "unsloth_trl_defaults_dpo": "Unsloth + TRL `DPOTrainer` defaults (batch 2, shuffled)",
     "project_dpo_2048_b2": "project DPO at `max_length` 2048, batch 2 (16 GB GPU recipe)",
@@ -157,7 +157,7 @@ def grouping_table(path: Path = GROUPING) -> str:
         "| mean train loss, last quarter | held-out loss | held-out reward accuracy | held-out reward margin |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("grouped", "grouped by length, batches shuffled"), ("shuffled", "shuffled pairs")):
+    for name, label in (("grouped", "grouped by length"), ("shuffled", "shuffled pairs")):
         m = results["summary"][name]
         rows.append(
             f"| {label} | {m['final_train_loss_mean']:.4f} | {m['last_quarter_train_loss_mean']:.4f} "

@@ -31,7 +31,9 @@ is the full profile pointed at that folder; for the notebooks, a `TUTORIAL_SETTI
     python benchmarks/shapes.py --out /tmp/shapes-world --settings /tmp/settings.json --max-rows 1000 --max-steps 10
 
 Benchmark-only (it moved here from `helpers/shapes.py`); it uses `helpers` as the notebooks do: the 8B sizes are
-notebook 01's `helpers.qlora.LLAMA_31_8B`, the tokenizer trainer and `write_jsonl` those of `helpers.smoke`.
+notebook 01's `helpers.theory.LLAMA_31_8B`, the tokenizer trainer and `write_jsonl` those of `helpers.smoke`.
+The reward-model stand-in has the shapes of the GPU profiles' reward model, `Ray2333/GRM-Llama3.2-3B-rewardmodel-ft`
+(Llama-3.2-3B with a one-output head), in bf16.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from helpers import smoke
-from helpers.config import Profile, full_profile
-from helpers.qlora import LLAMA_31_8B, ModelShapes
+from helpers.settings import Profile, full_profile
+from helpers.theory import LLAMA_31_8B, ModelShapes
 
 TOKENIZER_VOCAB = 8192
 # The rest of Llama-3.1-8B's config.json (meta-llama/Llama-3.1-8B): what `ModelShapes` does not hold, because
@@ -78,9 +80,22 @@ TINY = replace(
     num_key_value_heads=2,
     head_dim=16,
 )
+# Llama-3.2-3B's (meta-llama/Llama-3.2-3B config.json): the GRM-Llama3.2-3B reward model's body.
+LLAMA_32_3B = ModelShapes(
+    hidden_size=3072,
+    num_hidden_layers=28,
+    intermediate_size=8192,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+)
+LLAMA_32_3B_SETTINGS = LLAMA_31_8B_SETTINGS | {"rope_scaling": LLAMA_31_8B_SETTINGS["rope_scaling"] | {"factor": 32.0}}
 # name: (sizes, other `LlamaConfig` settings)
 SHAPES: dict[str, tuple[ModelShapes, dict[str, Any]]] = {
     "llama-3.1-8b": (LLAMA_31_8B, LLAMA_31_8B_SETTINGS),
+    "llama-3.2-3b": (LLAMA_32_3B, LLAMA_32_3B_SETTINGS),
     "tiny": (TINY, {**LLAMA_31_8B_SETTINGS, "max_position_embeddings": 4096}),
 }
 
@@ -89,7 +104,8 @@ SYSTEM_PROMPT_TOKENS = 20
 SFT_FILE = "finetome-shapes.jsonl"
 PREFERENCE_FILE = "orpo-dpo-mix-shapes.jsonl"
 MODEL_DIR = "model-bnb-4bit"
-REWARD_DIR = "reward-model-bf16"
+REWARD_DIR = "reward-model-3b-bf16"
+ORIGINAL_DIR = "model-bf16-original"
 
 
 @dataclass(frozen=True)
@@ -143,7 +159,9 @@ def train_tokenizer(seed: int = 0, vocab_size: int = TOKENIZER_VOCAB):
     # Zipf-like frequencies, so common words become single tokens.
     weights = [1 / (rank + 1) ** 0.8 for rank in range(len(words))]
     corpus = [" ".join(rng.choices(words, weights, k=64)) for _ in range(4000)]
-    return smoke.train_tokenizer(corpus, vocab_size=vocab_size, model_max_length=131072)
+    from helpers.model import apply_chat_template
+
+    return apply_chat_template(smoke.train_tokenizer(corpus, vocab_size=vocab_size, model_max_length=131072))
 
 
 def single_token_words(tokenizer) -> list[str]:
@@ -226,10 +244,10 @@ def length_stats(lengths: list[int], max_length: int) -> dict:
 
 def measure_world(world: Path, tokenizer, max_rows: int = 600) -> dict:
     """Token lengths of the written datasets, rendered with the chat template (as the loader will see them)."""
-    from helpers.data import example_length, load_preference_dataset, load_sft_dataset
+    from helpers.data import example_length, load_dataset
 
-    sft, _ = load_sft_dataset(str(world / SFT_FILE), max_rows)
-    pref, _ = load_preference_dataset(str(world / PREFERENCE_FILE), max_rows)
+    sft, pref = (load_dataset(str(world / f), k)[0] for f, k in ((SFT_FILE, "sft"), (PREFERENCE_FILE, "preference")))
+    sft, pref = (d.select(range(min(max_rows, len(d)))) for d in (sft, pref))
     return {
         "sft_example_tokens": length_stats([example_length(ex, tokenizer) for ex in sft], 2048),
         "dpo_pair_tokens_prompt_plus_longer_answer": length_stats([example_length(ex, tokenizer) for ex in pref], 1024),
@@ -256,15 +274,14 @@ def model_config(tokenizer, shape: str = "llama-3.1-8b"):
 def build_model(world: Path, tokenizer, shape: str = "llama-3.1-8b", seed: int = 0, keep_bf16: bool = False) -> dict:
     """Random bf16 weights made on the GPU (CPU for `tiny`), saved, reloaded in 4-bit NF4 and saved again.
 
-    `world / MODEL_DIR` holds the 4-bit model and the tokenizer. The bf16 copy is deleted, or with `keep_bf16`
-    kept as `world / REWARD_DIR`: loaded with `AutoModelForSequenceClassification` it is an 8B Llama with a fresh
-    scalar head, the shape of the full profile's reward model (GRM-Llama3.1-8B), as a local stand-in.
-    Returns timings in seconds.
+    `world / MODEL_DIR` holds the 4-bit model and the tokenizer. The bf16 copy is deleted, or with `keep_bf16` kept
+    as `world / ORIGINAL_DIR`: the 16-bit weights the 4-bit ones were made from (notebook 07 merges into them to
+    compare). Returns timings in seconds.
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from helpers.model import quantization_config
+    from helpers.settings import quantization_config
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
@@ -295,11 +312,31 @@ def build_model(world: Path, tokenizer, shape: str = "llama-3.1-8b", seed: int =
     del model
     torch.cuda.empty_cache()
     if keep_bf16:
-        shutil.rmtree(world / REWARD_DIR, ignore_errors=True)
-        bf16_dir.rename(world / REWARD_DIR)
+        shutil.rmtree(world / ORIGINAL_DIR, ignore_errors=True)
+        bf16_dir.rename(world / ORIGINAL_DIR)
     else:
         shutil.rmtree(bf16_dir)
     return timings
+
+
+def build_reward_model(world: Path, tokenizer, seed: int = 1) -> dict:
+    """Random bf16 weights of the reward model's shapes (`LlamaForSequenceClassification`, one output), on the GPU,
+    saved with the tokenizer to `world / REWARD_DIR`. Returns its parameters and the seconds it took."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    config = model_config(tokenizer, "llama-3.2-3b")
+    config.num_labels = 1
+    with torch.device("cuda"):
+        scorer = LlamaForSequenceClassification._from_config(config, dtype=torch.bfloat16)
+    scorer.save_pretrained(world / REWARD_DIR, max_shard_size="5GB")
+    tokenizer.save_pretrained(world / REWARD_DIR)
+    parameters = sum(p.numel() for p in scorer.parameters())
+    del scorer
+    torch.cuda.empty_cache()
+    return {"parameters": parameters, "seconds": round(time.perf_counter() - start, 1)}
 
 
 # --- the world and its profile ----------------------------------------------------------------------------
@@ -339,6 +376,8 @@ def build_world(
     }
     if shape is not None:
         stats["model"] = {"shape": shape, **build_model(world, tokenizer, shape, seed, keep_bf16=reward_model)}
+    if reward_model:
+        stats["reward_model"] = {"shape": "llama-3.2-3b", **build_reward_model(world, tokenizer)}
     (world / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -347,11 +386,12 @@ def shapes_settings(world: Path) -> dict:
     """The settings that point a profile at the shapes world (its model, data and reward-model stand-in), in the
     form of a `TUTORIAL_SETTINGS` file."""
     world = Path(world).resolve()
-    bf16 = str(world / REWARD_DIR) if (world / REWARD_DIR).is_dir() else None
+    reward = str(world / REWARD_DIR) if (world / REWARD_DIR).is_dir() else None
+    original = str(world / ORIGINAL_DIR) if (world / ORIGINAL_DIR).is_dir() else None
     return {
         "model_id": str(world / MODEL_DIR),
-        "reward_model_id": bf16,
-        "original_model_id": bf16,  # the bf16 weights the 4-bit model was quantized from
+        "reward_model_id": reward,
+        "original_model_id": original,  # the bf16 weights the 4-bit model was quantized from
         "random_weights": True,
         "data": {"sft_dataset": str(world / SFT_FILE), "preference_dataset": str(world / PREFERENCE_FILE)},
     }
@@ -359,7 +399,7 @@ def shapes_settings(world: Path) -> dict:
 
 def shapes_profile(world: Path, seed: int = 42, backend: str = "unsloth", base: Profile | None = None) -> Profile:
     """The full profile (or `base`) run on the shapes world: same settings, local model and data."""
-    from helpers.environment import override
+    from helpers.settings import override
 
     return override(base or full_profile(seed, backend), shapes_settings(world), f"shapes world {world}")
 
@@ -372,8 +412,11 @@ def capped_settings(world: Path, max_rows: int, max_steps: int, max_new_tokens: 
     settings["data"] |= {"max_sft_rows": max_rows, "max_preference_rows": max_rows}
     logging_steps = max(1, max_steps // 2)  # two logs a stage: the second one's step time is past the compiling
     settings |= {stage: {"max_steps": max_steps, "logging_steps": logging_steps} for stage in ("sft", "dpo", "rl")}
+    settings["sft"]["eval_steps"] = settings["rl"]["eval_steps"] = max_steps  # one held-out reading, at the end
+    # 16 held-out prompts, and 32 of the benchmark's bundled prompts (no hub there: IFBench, not IFEval).
+    settings["eval"] = {"num_prompts": 16, "benchmark": "ifbench", "benchmark_prompts": 32}
     if max_new_tokens is not None:
-        settings["eval"] = {"max_new_tokens": max_new_tokens}
+        settings["eval"] |= {"max_new_tokens": max_new_tokens, "benchmark_max_new_tokens": max_new_tokens}
     return settings
 
 
@@ -381,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/shapes.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder to write the world to")
     parser.add_argument("--model", action="store_true", help="also build the model (a GPU for the 8B shape)")
-    parser.add_argument("--reward-model", action="store_true", help="with --model: keep the bf16 copy as reward model")
+    parser.add_argument(
+        "--reward-model", action="store_true", help="with --model: keep the bf16 weights, and build the reward model"
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
     parser.add_argument("--sft-rows", type=int, default=4000)
     parser.add_argument("--preference-rows", type=int, default=4000)

@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/smoke_seeds.py --seeds 100 101 102 103 104 105 106 107 108 109 --jobs 2
 
-For each seed, in its own process (one thread), from a fresh smoke world and empty outputs: SFT, DPO and the
-sampled comparison, exactly as `make run` does them (`helpers.pipeline`, `helpers.comparison`). Each seed's
-numbers and the failures of `helpers.checks` go to `benchmarks/results/smoke-seeds.json`, with a plot of the
-five numbers per seed (`smoke-seeds.png`). Exit status 1 when any seed fails a criterion.
+For each seed, in its own process (one thread), from a fresh smoke world and empty outputs: SFT, DPO and notebook
+05's sampled comparison, as `make run` does them (`training.run`, `evaluation.compare`). Each seed's numbers, TRL's
+step-0 evaluation of DPO, and the failures of `training.sft_failures`, `training.dpo_failures` (the step-0 check
+included), `evaluation.eval_failures` and `data.overlap_failures` go to `--out` (default
+`benchmarks/results/smoke-seeds.json`), with a plot of the numbers per seed beside it. Exit status 1 when any seed
+fails a criterion.
 """
 
 from __future__ import annotations
@@ -13,41 +15,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from bench_training import environment  # this script's folder is first on sys.path
 
-ONE_SEED = """
-import json, sys, time
-from helpers import checks, comparison, pipeline
-from helpers.environment import load_profile
-profile = load_profile()
-start = time.perf_counter()
-pipeline.prepare(profile)
-sft, dpo = pipeline.run_sft(profile), pipeline.run_dpo(profile)
-evaluation = comparison.sample_and_judge(profile)
-from helpers.metrics import read_metrics
-failures = checks.sft_failures(profile, sft) + checks.dpo_failures(profile, dpo)
-failures += checks.eval_failures(profile, evaluation)
-failures += checks.split_failures(read_metrics(profile)["splits"])
-print("RESULT " + json.dumps({
-    "seed": profile.seed,
-    "sft_loss_first": sft["loss_first"], "sft_loss_last": sft["loss_last"],
-    "dpo_reward_accuracy": dpo["reward_accuracy_after"], "step0_reward_abs_max": dpo["step0_reward_abs_max"],
-    "better_answer_rate": {m: evaluation[m]["better_answer_rate"] for m in ("base", "sft", "dpo")},
-    "style_shares": {m: evaluation[m]["style_shares"] for m in ("base", "sft", "dpo")},
-    "correct_among_concise": {m: evaluation[m]["correct_among_concise"] for m in ("base", "sft", "dpo")},
-    "splits": read_metrics(profile)["splits"],
-    "failures": failures, "seconds": time.perf_counter() - start,
-}))
-"""
+RESULTS = Path(__file__).parent / "results"
+MODELS = ("base", "sft", "dpo")
+
+
+def one_seed() -> dict:
+    """The recipe for the seed the environment names, in this process."""
+    from helpers import settings
+
+    profile = settings.load_profile()
+    from helpers import data, evaluation, machine, training
+
+    start = time.perf_counter()
+    machine.prepare(profile)
+    sft, dpo = training.run(profile, "sft"), training.run(profile, "dpo")
+    names = evaluation.trained_models(profile)
+    policy, tokenizer = evaluation.load_models(profile, names)
+    results = evaluation.compare(profile, policy, tokenizer, names)
+    splits = training.read_metrics(profile)["splits"]
+    failures = training.sft_failures(profile, sft) + training.dpo_failures(profile, dpo)
+    failures += evaluation.eval_failures(profile, results) + data.overlap_failures(splits)
+    return {
+        "seed": profile.seed,
+        "sft_loss_first": sft["loss_first"],
+        "sft_loss_last": sft["loss_last"],
+        "dpo_reward_accuracy": dpo["reward_accuracy_after"],
+        "reward_accuracy_before": dpo["reward_accuracy_before"],  # TRL's step-0 evaluation: exactly 0
+        "step0_rewards": dpo["step0_rewards"],
+        "step0_reward_abs_max": max(abs(v) for v in dpo["step0_rewards"].values()),  # TRL's step-0 eval rewards
+        **{key: {m: results[m][key] for m in MODELS} for key in ("better_answer_rate", "style_shares")},
+        "correct_among_concise": {m: results[m]["correct_among_concise"] for m in MODELS},
+        "splits": splits,
+        "failures": failures,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_seed(seed: int, work: Path) -> dict:
@@ -60,7 +70,7 @@ def run_seed(seed: int, work: Path) -> dict:
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": "1",
     }
-    done = subprocess.run([sys.executable, "-c", ONE_SEED], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         return {"seed": seed, "failures": [f"crashed: {done.stderr[-1500:]}"]}
@@ -102,36 +112,29 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--jobs", type=int, default=2, help="seeds run at once (one CPU thread each)")
     parser.add_argument("--out", type=Path, default=RESULTS / "smoke-seeds.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(one_seed()))
+        return 0
+    if not args.seeds:
+        parser.error("--seeds is required")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="smoke-seeds-") as work, ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda s: run_seed(s, Path(work)), args.seeds))
     for r in records:
         print(r["seed"], r.get("better_answer_rate"), r.get("dpo_reward_accuracy"), r["failures"] or "ok")
-    ok = [r for r in records if "better_answer_rate" in r]
-    import torch
-    import transformers
-    import trl
-
+    ok, env = [r for r in records if "better_answer_rate" in r], environment()
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, one thread per seed",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl.__version__,
-        },
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "command": "benchmarks/smoke_seeds.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **env,
+        "machine": f"{env['machine']}, one thread per seed",
         "wall_seconds": round(time.perf_counter() - start),
         "seeds": args.seeds,
         "all_pass": all(not r["failures"] for r in records),
-        "spread": {
-            f"better_answer_rate_{m}": spread([r["better_answer_rate"][m] for r in ok]) for m in ("base", "sft", "dpo")
-        }
+        "spread": {f"better_answer_rate_{m}": spread([r["better_answer_rate"][m] for r in ok]) for m in MODELS}
         | {"dpo_reward_accuracy": spread([r["dpo_reward_accuracy"] for r in ok])}
         if ok
         else {},

@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wandb_series import series  # noqa: E402
+from wandb_series import series  # this script's folder is first on sys.path
 
 
 def notebook_summary(path: Path) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import report
 import shapes
 
-from helpers.config import full_profile
+from helpers.settings import full_profile
 
 
 def test_bench_profile_is_the_full_profile_on_the_world_with_the_paths_settings(tmp_path):
@@ -24,7 +24,7 @@ def test_bench_profile_is_the_full_profile_on_the_world_with_the_paths_settings(
     assert profile.data.sft_dataset == str(world.resolve() / shapes.SFT_FILE)
     assert profile.data.preference_dataset == str(world.resolve() / shapes.PREFERENCE_FILE)
     assert (profile.data.max_sft_rows, profile.data.max_preference_rows) == (50, 50)
-    assert profile.sft == replace(full.sft, num_train_epochs=2, max_steps=-1, save_steps=10**9)
+    assert profile.sft == replace(full.sft, num_train_epochs=2, max_steps=-1, save_steps=10**9, eval_steps=10**9)
     assert profile.dpo == replace(full.dpo, num_train_epochs=2, max_steps=-1, save_steps=10**9, **spec["dpo"])
     assert not profile.report_to_wandb and profile.output_dir.parent == tmp_path / "out"
 
@@ -71,7 +71,7 @@ def test_tiny_dpo_comparison_runs_interleaved_repeats_and_reports_the_ratio(tmp_
         rates = [r["pairs_per_s"] for r in path["repeats"]]
         assert len(rates) == 3 and path["pairs_per_s"] == round(statistics.median(rates), 3)
         assert path["pairs_per_s_range"] == [min(rates), max(rates)]
-    assert result["paths"]["project_dpo"]["settings"]["group_by_length"] is True
+    assert result["paths"]["project_dpo"]["settings"]["train_sampling_strategy"] == "group_by_length"
     assert result["paths"]["unsloth_trl_defaults_dpo"]["settings"]["per_device_train_batch_size"] == 2
     (line,) = [row for row in report.target_rows(result) if row.startswith("| DPO pairs/s ≥ 2 ×")]
     assert "medians of 3 rounds, round by round" in line

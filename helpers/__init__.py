@@ -1,5 +1,2 @@
-"""Helpers for the align-llama tutorial: everything the notebooks call, one topic per module.
-
-Importing the package imports nothing heavy; the modules that use transformers, peft or trl import
-`helpers.backend` first, which imports Unsloth when it is the selected backend (it must patch them first).
-"""
+"""The helpers the align-llama notebooks call for what is not the lesson: settings, data, the model load, library
+fixes, callbacks, evaluation and plots. Importing the package imports nothing; each module imports what it uses."""

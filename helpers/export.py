@@ -1,17 +1,12 @@
-"""Take the tuned model out of `outputs/`: a portable adapter, a merged 16-bit model that stops, a Hub push.
+"""Take the tuned model out of `outputs/` (notebook 07): which one (the outside judge's first), a merged 16-bit model
+that plain transformers loads and that stops by itself, a GGUF file and Ollama `Modelfile`, and a Hub push when asked.
 
-Two traps this module closes:
-
-- The base model's chat-token rows (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`) are fixed in
-  memory at load time (`helpers.model.fix_untrained_token_rows`), and LoRA does not save embeddings. Loaded
-  anywhere else, the adapter meets the untrained rows again and the model never ends its turn.
-  `make_adapter_portable` (called by `checkpoints.save_adapter`) stores those rows in the adapter folder as peft
-  "trainable tokens", which plain `PeftModel.from_pretrained` applies by itself; the merge reads them from there.
-- A merged model that stops only when the caller passes the right `eos_token_id`. `save_merged` writes a
-  `generation_config.json` whose `eos_token_id` holds `<|eot_id|>` and `<|end_of_text|>`.
-
-GGUF files for llama.cpp and Ollama are written by `helpers.gguf_export`; generation, the token-by-token comparison
-of two models and the chat loop are in `helpers.inference`.
+GGUF is written with `gguf`, llama.cpp's own Python library; its converter script is not on PyPI in a maintained form,
+so its Llama steps are done here: Q and K rows permuted to llama.cpp's rope layout, Llama-3.1's rope scaling as the
+`rope_freqs` tensor, the tokenizer as byte-level BPE (`llama-bpe`) ending on `<|end_of_text|>` and `<|eot_id|>`.
+Checked against llama.cpp built from source (2026-11): Q8_0, F16 and `llama-quantize`d Q4_K_M files give transformers'
+greedy tokens and stop on `<|eot_id|>`, with Llama-3.1 rope scaling too; for Meta's Llama 3 tokenizer the vocabulary
+metadata equals llama.cpp's reference file `models/ggml-vocab-llama-bpe.gguf`.
 """
 
 from __future__ import annotations
@@ -19,109 +14,44 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from helpers.chat import CHAT_TOKENS, LLAMA31_CHAT_TEMPLATE, stop_token_ids
-from helpers.config import Profile, shown
-from helpers.model import device, fix_untrained_token_rows, load_base, quantization_config
+from helpers.model import device_map, fix_untrained_token_rows, load_base
+from helpers.settings import END_OF_TEXT, EOT, LLAMA3_SPLIT_PATTERN, PAD, Profile, quantization_config, shown
+from llama_sampler import stop_token_ids
 
 MERGE_BASES = ("dequantized", "original")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The matrices whose chat-token rows `make_adapter_portable` added (fixed, not trained): project loads leave them out.
-FIXED_ROWS_FILE = "fixed-token-rows.json"
-# The chat template without TRL's `{% generation %}` markers: they only matter for training, and inference
-# engines with their own Jinja (llama.cpp, TGI's minijinja) reject the unknown tag.
-INFERENCE_CHAT_TEMPLATE = LLAMA31_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
 
-def heldout_prompts(profile: Profile, tokenizer: Any) -> list[list[dict]]:
-    """The first `profile.eval.num_prompts` held-out prompts (chat message lists) that every model is judged on."""
-    from helpers import pipeline
+def choose_model(profile: Profile) -> tuple[str, str]:
+    """The tuned model to export ("rl" or "dpo") and a sentence saying why: of those trained with these settings, the
+    one the outside judge ranks first in metrics.json (the published benchmark, else a code judge); on a tie or with
+    no judge's result for both, the last-trained."""
+    from helpers import training
 
-    return list(pipeline.preference_data(profile, tokenizer).eval["prompt"])[: profile.eval.num_prompts]
-
-
-def chat_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the chat tokens whose embedding rows `fix_untrained_token_rows` may set."""
-    return [tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS]
-
-
-# --- a portable adapter ---------------------------------------------------------------------------------------
-
-
-def make_adapter_portable(adapter_dir: Path, model: Any, tokenizer: Any) -> list[str]:
-    """Save `model`'s chat-token embedding rows with the adapter in `adapter_dir`, so that plain peft applies them.
-
-    The rows go in as peft 0.21 trainable tokens: `trainable_token_indices` in `adapter_config.json` and one
-    `...<module>.token_adapter.trainable_tokens_delta` tensor per matrix in the weights file. peft *replaces* those
-    rows of the base by the saved values on load (`index_copy`, not an addition), so loading the adapter on the
-    raw base anywhere gives the fixed rows; on a base whose rows were fine, the values are the same and nothing
-    changes. A matrix whose rows the adapter trained (`LoraSettings.trainable_tokens`, the smoke profile's
-    `embed_tokens`) or saves in full (`modules_to_save`) carries them already, as trained. The matrices added are
-    listed in `FIXED_ROWS_FILE`. Idempotent: a second call adds nothing.
-
-    Args:
-        adapter_dir: a folder written by `PeftModel.save_pretrained`.
-        model: the model the adapter was trained on (a `PeftModel` or its base), with the rows as trained.
-        tokenizer: its tokenizer (gives the token ids).
-
-    Returns:
-        The matrices whose rows were added (`embed_tokens`, `lm_head`), empty when nothing was needed.
-    """
-    from peft import PeftModel
-    from safetensors.torch import load_file, save_file
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    carried = set(config.get("modules_to_save") or []) | set(config.get("trainable_token_indices") or {})
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    prefix = "" if isinstance(model, PeftModel) else "base_model.model."
-    names = {id(m): n for n, m in model.named_modules()}
-    ids = chat_token_ids(tokenizer)
-    weights = load_file(adapter_dir / ADAPTER_WEIGHTS)
-    added = []
-    for short, module in (("embed_tokens", model.get_input_embeddings()), ("lm_head", model.get_output_embeddings())):
-        if short in carried or (tied and short == "lm_head"):  # peft ties a tied head to the embedding's rows
+    if not training.is_current(profile, "rl"):
+        return "dpo", "DPO: 06 trained no RL model with these settings, so DPO's is the only tuned model."
+    metrics, judges = training.read_metrics(profile), []
+    if bench := metrics.get("benchmark"):
+        scores = {m: bench["models"].get(m, {}).get("prompt_loose") for m in ("rl", "dpo")}
+        judges.append((f"{bench['name']}'s prompt-level loose accuracy", scores))
+    if profile.code_judge:
+        scores = {m: metrics.get("eval", {}).get(m, {}).get("better_answer_rate") for m in ("rl", "dpo")}
+        judges.append(("the code judge's better-answer rate", scores))
+    for judge, scores in judges:
+        if None in scores.values():
             continue
-        path = names[id(module)]
-        weights[f"{prefix}{path}.token_adapter.trainable_tokens_delta"] = module.weight[ids].detach().cpu().clone()
-        added.append(short)
-    if not added:
-        return []
-    config["trainable_token_indices"] = dict(config.get("trainable_token_indices") or {}) | dict.fromkeys(added, ids)
-    tmp = adapter_dir / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(weights, tmp, metadata={"format": "pt"})
-    tmp.replace(adapter_dir / ADAPTER_WEIGHTS)
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (adapter_dir / FIXED_ROWS_FILE).write_text(json.dumps(sorted(fixed_rows(adapter_dir) + added)) + "\n")
-    return added
-
-
-def fixed_rows(adapter_dir: Path) -> list[str]:
-    """The matrices whose chat-token rows `make_adapter_portable` added to the adapter in `adapter_dir`."""
-    path = Path(adapter_dir) / FIXED_ROWS_FILE
-    return json.loads(path.read_text()) if path.exists() else []
-
-
-def config_without_fixed_rows(adapter_dir: Path, trainable: bool):
-    """The adapter's `LoraConfig` without the rows `make_adapter_portable` added, for loads inside this project.
-
-    Inside `helpers` the base already holds those fixed rows (`load_base` fixes them), and peft's token wrapper on
-    `lm_head` breaks TRL 1.15's fused DPO loss (it reads the unwrapped `lm_head.weight`). Rows the adapter trained
-    stay. Pass the result as `config=` to `PeftModel.from_pretrained`; peft then skips the left-out tensors.
-    """
-    from peft import PeftConfig
-
-    config = PeftConfig.from_pretrained(str(adapter_dir))
-    fixed = fixed_rows(adapter_dir)
-    trained = {k: v for k, v in (config.trainable_token_indices or {}).items() if k not in fixed}
-    config.trainable_token_indices = trained or None
-    config.inference_mode = not trainable
-    return config
+        shown_scores = f"(RL {scores['rl']:.3f}, DPO {scores['dpo']:.3f})"
+        if scores["rl"] == scores["dpo"]:
+            return "rl", f"RL: the last-trained model, as RL and DPO tie on {judge} {shown_scores}."
+        best = max(scores, key=scores.get)
+        return best, f"{best.upper()}: {judge} ranks it first {shown_scores}."
+    return "rl", "RL: the last-trained model, as metrics.json holds no outside judge's result for both RL and DPO."
 
 
 def load_adapter_plainly(base_id: str, adapter_dir: Path) -> tuple[Any, Any]:
@@ -130,48 +60,29 @@ def load_adapter_plainly(base_id: str, adapter_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(
-        base_id, quantization_config=quantization_config(), dtype=torch.bfloat16, device_map={"": device()}
+        base_id, quantization_config=quantization_config(), dtype=torch.bfloat16, device_map=device_map()
     )
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), AutoTokenizer.from_pretrained(str(adapter_dir))
 
 
 # --- merging --------------------------------------------------------------------------------------------------
-
-
-def original_weights_id(profile: Profile) -> str:
-    """The 16-bit checkpoint behind the profile's base: `original_model_id`, else the name Unsloth's pre-quantized
-    `…-bnb-4bit` repos derive from it."""
-    return profile.original_model_id or profile.model_id.removesuffix("-bnb-4bit")
-
-
-def merge_adapter(
-    profile: Profile, adapter_dir: Path, merge_into: str = "dequantized", original_id: str | None = None
-) -> tuple[Any, Any]:
-    """A plain 16-bit (bf16) model: base weights plus the adapter's low-rank updates, chat-token rows fixed.
-
-    Args:
-        merge_into: `"dequantized"`: the 4-bit weights the adapter was trained against, dequantized (the merged
-            model is the evaluated model up to bf16 rounding); `"original"`: the 16-bit checkpoint the 4-bit
-            weights were made from (`original_id`, default `original_weights_id(profile)`), which the adapter
-            never saw: each layer differs from training by the quantization error.
-
-    Returns:
-        The merged `LlamaForCausalLM` (no peft, no quantization) and the adapter's tokenizer.
-    """
+def merge_adapter(profile: Profile, adapter_dir: Path, merge_into: str = "dequantized") -> tuple[Any, Any]:
+    """A plain bf16 `LlamaForCausalLM` (base plus the adapter's low-rank updates and chat-token rows) and the adapter's
+    tokenizer. The base is the 4-bit weights the adapter was trained against, `"dequantized"`, or the 16-bit checkpoint
+    they came from (`"original"`: `original_model_id`, else the `…-bnb-4bit` repo's name without the suffix), off by a
+    quantization error the adapter never saw."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if merge_into not in MERGE_BASES:
         raise ValueError(f"merge_into={merge_into!r} is not one of {', '.join(MERGE_BASES)}.")
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    # Plain transformers: the merge needs no Unsloth, and the adapter carries the rows as trained.
-    hf = replace(profile, backend="hf")
-    if merge_into == "dequantized":
-        model, _ = load_base(hf, max(profile.sft.max_length, profile.dpo.max_length))
+    if merge_into == "dequantized":  # plain transformers: the merge needs no Unsloth
+        model, _ = load_base(replace(profile, backend="hf"), max(profile.sft.max_length, profile.dpo.max_length))
         model = model.dequantize()  # NF4 -> bf16, exactly the numbers the 4-bit layers compute with
     else:
-        source = original_id or original_weights_id(profile)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, device_map={"": device()})
+        source = profile.original_model_id or profile.model_id.removesuffix("-bnb-4bit")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, device_map=device_map())
         fix_untrained_token_rows(model, tokenizer)  # for an adapter that does not carry the rows itself
     # Plain peft, not `helpers.model.load_adapter`: the adapter's own token rows, as trained, go into the merge.
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
@@ -179,81 +90,182 @@ def merge_adapter(
 
 
 def save_merged(model: Any, tokenizer: Any, target: Path) -> Path:
-    """Save the merged model, its tokenizer (inference chat template) and a generation config that stops.
+    """Save the merged model, its tokenizer with the inference chat template, and a generation config whose
+    `eos_token_id` is `[<|eot_id|>, <|end_of_text|>]`, so plain `generate()`, vLLM or TGI end a turn untold."""
+    from trl.chat_template_utils import llama3_chat_template
 
-    `generation_config.json` gets `eos_token_id = [<|eot_id|>, <|end_of_text|>]` and the padding id, so plain
-    `generate()`, vLLM or TGI end an assistant turn without being told.
-    """
-    target = Path(target)
-    stops = stop_token_ids(tokenizer)
-    model.config.eos_token_id = stops
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = stops
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id, model.config.pad_token_id = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    model.generation_config.update(
+        eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     # The weights as they are in memory: a base loaded from a pre-quantized 4-bit checkpoint remembers how its
     # weights were deserialized, and reverting that for the dequantized model raises NotImplementedError.
     model.save_pretrained(str(target), save_original_format=False)
-    training_template, tokenizer.chat_template = tokenizer.chat_template, INFERENCE_CHAT_TEMPLATE
-    try:
-        tokenizer.save_pretrained(str(target))
-    finally:
-        tokenizer.chat_template = training_template
+    tokenizer.save_pretrained(str(target))
+    # TRL's Llama 3 template without the `{% generation %}` markers: they only matter for training, and inference
+    # engines with their own Jinja (llama.cpp, TGI's minijinja) reject the unknown tag.
+    (target / "chat_template.jinja").write_text(llama3_chat_template)
     return target
 
 
 def folder_sizes(folder: Path) -> dict[str, str]:
     """`{file name: size}` of a folder's files, for a look at what was written."""
-    return {p.name: f"{p.stat().st_size / 2**20:.2f} MiB" for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    return {p.name: f"{p.stat().st_size / 2**20:.2f} MiB" for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 # --- the Hugging Face Hub ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HubPlan:
-    """What `push_to_hub` would do: push or not, why, where, and which files."""
-
-    push: bool
-    reason: str
-    repo_id: str | None
-    folder: Path
-    files: tuple[str, ...]
-
-    def describe(self) -> str:
-        """A few lines for the notebook: never the token, only whether one is set."""
-        size_mib = sum((self.folder / f).stat().st_size for f in self.files) / 2**20
-        return (
-            f"{'push' if self.push else 'no push'}: {self.reason}\n"
-            f"{shown(self.folder)} -> {self.repo_id or '(no repository)'}: "
-            f"{len(self.files)} files, {size_mib:.1f} MiB\n"
-            f"  {', '.join(self.files)}"
-        )
-
-
-def plan_hub_push(requested: bool, repo_id: str | None, folder: Path, env: Mapping[str, str] | None = None) -> HubPlan:
-    """Push only when the user asked for it, named a repository, and `HF_TOKEN` is set."""
-    env = os.environ if env is None else env
-    folder = Path(folder)
-    files = tuple(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
+def push_to_hub(
+    requested: bool, repo_id: str | None, folder: Path, private: bool = True, env: Mapping[str, str] = os.environ
+) -> str | None:
+    """Upload `folder` to a (private by default) model repository, only when the user asked for it, named one, and
+    `HF_TOKEN` is set; prints the files and why it pushes or not (never the token). Returns the URL, or None."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    size_mib = sum((folder / f).stat().st_size for f in files) / 2**20
+    print(f"{shown(folder)} -> {repo_id or '(no repository)'}: {len(files)} files, {size_mib:.1f} MiB")
+    print(f"  {', '.join(files)}")
     if not requested:
-        reason = "not requested (set PUSH_TO_HUB = True in the configuration cell)"
+        print("no push: not requested (set PUSH_TO_HUB = True in the configuration cell)")
     elif not repo_id:
-        reason = "no repository named (set HUB_REPO_ID, e.g. 'you/llama-3.1-8b-dpo')"
+        print("no push: no repository named (set HUB_REPO_ID, e.g. 'you/llama-3.1-8b-dpo')")
     elif not env.get("HF_TOKEN"):
-        reason = "HF_TOKEN is not set (a write token from huggingface.co/settings/tokens)"
+        print("no push: HF_TOKEN is not set (a write token from huggingface.co/settings/tokens)")
     else:
-        reason = "requested, repository named, HF_TOKEN set"
-    return HubPlan(requested and bool(repo_id) and bool(env.get("HF_TOKEN")), reason, repo_id, folder, files)
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=env["HF_TOKEN"])
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload from align-llama")
+        return f"https://huggingface.co/{repo_id}"
+    return None
 
 
-def push_to_hub(plan: HubPlan, private: bool = True, env: Mapping[str, str] | None = None) -> str | None:
-    """Upload `plan.folder` to a (private by default) model repository; returns its URL, or None when not to push."""
-    if not plan.push:
+# --- GGUF --------------------------------------------------------------------------------------------------------
+OLLAMA_TEMPLATE = (
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+    "{{ .Content }}<|eot_id|>\n{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+OLLAMA_STOPS = ("<|eot_id|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>")
+
+
+def permute_for_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder a Q or K projection's output rows from Hugging Face's rotate-half pairs (i, i + d/2) to llama.cpp's
+    adjacent pairs (2i, 2i + 1): the same rotation (transformers' GGUF reader applies the inverse)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama3_rope_factors(config: Any) -> torch.Tensor | None:
+    """What Llama-3.1's rope scaling (`rope_type: llama3`) divides each rope frequency by, as llama.cpp reads it from
+    `rope_freqs`: transformers' unscaled over its scaled frequencies. None for plain rope."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if config.rope_parameters["rope_type"] != "llama3":
         return None
-    from huggingface_hub import HfApi
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
+    return (1.0 / config.rope_parameters["rope_theta"] ** exponents) / scaled
 
-    api = HfApi(token=(os.environ if env is None else env)["HF_TOKEN"])
-    api.create_repo(plan.repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), commit_message="Upload from align-llama")
-    return f"https://huggingface.co/{plan.repo_id}"
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer, `llama-bpe` (Llama 3's split); another would split text
+    differently in llama.cpp, so it raises ValueError."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
+    if splits != [LLAMA3_SPLIT_PATTERN]:
+        raise ValueError(f"Unknown pre-tokenizer {pre}: not Llama 3's split.")
+    return "llama-bpe"
+
+
+def add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> None:
+    """Tokens, types, merges, special ids and chat template of the tokenizer saved in `model_dir`."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    by_id, kind = {i: t for t, i in tokenizer.get_vocab().items()}, gguf.TokenType
+    types = {i: kind.CONTROL if t.special else kind.USER_DEFINED for i, t in tokenizer.added_tokens_decoder.items()}
+    types |= {i: kind.UNUSED for i in range(vocab_size) if i not in by_id}  # embedding rows beyond the tokenizer's
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json))
+    writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    writer.add_token_types([types.get(i, kind.NORMAL) for i in range(vocab_size)])
+    merges = tokenizer_json["model"]["merges"]  # "a b" strings, or [a, b] pairs since tokenizers 0.20
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.convert_tokens_to_ids(END_OF_TEXT))  # llama.cpp ends on eos and eot alike
+    writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(EOT))
+    writer.add_pad_token_id(tokenizer.convert_tokens_to_ids(PAD))
+    writer.add_add_bos_token(tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+def _load_tensor(path: Path, key: str, n_head: int | None) -> np.ndarray:
+    """One tensor of a safetensors file in float32, a Q or K projection permuted for llama.cpp's rope (`n_head`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        weight = f.get_tensor(key).float()
+    return (permute_for_rope(weight, n_head) if n_head else weight).numpy()
+
+
+def write_gguf(model_dir: Path, target: Path, file_type: str = "Q8_0") -> Path:
+    """Convert the merged Hugging Face Llama in `model_dir` into one GGUF file of `file_type` (`Q8_0`: 8-bit, half of
+    16-bit, near-lossless; `F16`; `BF16`) for matrices, F32 for vectors. Tensors are lazy (`gguf.LazyNumpyTensor`):
+    each is read, converted and written in turn, so memory holds one tensor, not the model."""
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(target), arch="llama")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, "MOSTLY_" + file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, model_dir, config.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    kinds = gguf.GGMLQuantizationType
+    matrix_type = kinds[file_type]
+    block = gguf.GGML_QUANT_SIZES[matrix_type][0]  # F16 where a row does not split into the type's blocks
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
+        for key, shape in shapes.items():
+            ggml_type = kinds.F32 if len(shape) < 2 else matrix_type if shape[-1] % block == 0 else kinds.F16
+            meta = gguf.LazyNumpyTensor.meta_with_dtype_and_shape(np.float32, shape)
+            tensor = gguf.LazyNumpyTensor(meta=meta, args=(path, key, heads.get(key.split(".")[-2])), func=_load_tensor)
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            writer.add_tensor(name, gguf.quants.quantize(tensor, ggml_type), raw_dtype=ggml_type)
+    if (factors := llama3_rope_factors(config)) is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def write_modelfile(gguf_path: Path, system: str | None = None) -> Path:
+    """The Ollama `Modelfile` next to `gguf_path`: the file, the Llama-3.1 chat layout, and the stop tokens. Then, on
+    the user's machine: `ollama create my-model -f Modelfile` and `ollama run my-model`."""
+    lines = [f"FROM ./{gguf_path.name}", f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in OLLAMA_STOPS]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    target = gguf_path.with_name("Modelfile")
+    target.write_text("\n".join(lines) + "\n")
+    return target

@@ -1,186 +1,81 @@
-"""The numbers behind notebook 01: the DPO and RPO losses, their KL-regularised origin and what β does under Adam.
-
-Small pure functions; `helpers.trl_loss` runs TRL's own loss code on the same inputs as `dpo_loss` and `rpo_loss`,
-so the formulas written here can be checked against the library that trains the model. LoRA's share, 4-bit memory
-and NF4's levels are in `helpers.qlora`.
-
-Two margins, one name each (TRL logs the second):
-
-- the **log-ratio margin** m = log π_θ(y_w|x)/π_ref(y_w|x) − log π_θ(y_l|x)/π_ref(y_l|x), in nats, unscaled;
-- the **reward margin** β·m, the difference of DPO's implicit rewards: TRL's `rewards/margins`.
+"""The numbers behind notebook 01 (and the policy gradient of 06): the DPO and RPO losses and the RLHF optimum they
+come from, β under Adam, LoRA's share and the 4-bit memory of Llama-3.1-8B, NF4's levels, RLOO's advantages and
+loss, and TRL's own loss code run on the same inputs, so every formula is checked against the library that trains.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
-
-__all__ = [
-    "bradley_terry_prob",
-    "dpo_loss",
-    "kl_regularised_objective",
-    "optimal_policy",
-    "optimise_margin",
-    "rpo_loss",
-    "summed_logps",
-    "token_mean_nll",
-    "toy_token_logps",
-]
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 
-# --------------------------------------------------------------------------------------------------
-# Preferences, RLHF and DPO
-# --------------------------------------------------------------------------------------------------
-
-
-def bradley_terry_prob(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry probability that the chosen response is preferred: σ(r_w − r_l).
-
-    Args:
-        reward_chosen: r(x, y_w), any shape.
-        reward_rejected: r(x, y_l), same shape.
-
-    Returns:
-        p(y_w ≻ y_l | x), same shape.
-    """
+# --- preferences, RLHF and DPO ------------------------------------------------------------------------------------
+def bradley_terry_prob(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+    """p(y_w ≻ y_l | x) = σ(r_w − r_l), the Bradley-Terry model."""
     return torch.sigmoid(reward_chosen - reward_rejected)
 
 
-def kl_regularised_objective(
-    policy_probs: torch.Tensor, ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """The RLHF objective for one prompt over a finite set of responses: E_π[r] − β KL(π ‖ π_ref).
-
-    Args:
-        policy_probs: π(y|x) over the responses, shape (Y,), sums to 1.
-        ref_probs: π_ref(y|x), shape (Y,), sums to 1.
-        rewards: r(x, y), shape (Y,).
-        beta: weight of the KL penalty.
-
-    Returns:
-        The objective, a scalar tensor.
-    """
+def kl_regularised_objective(policy_probs: Tensor, ref_probs: Tensor, rewards: Tensor, beta: float) -> Tensor:
+    """E_π[r] − β KL(π ‖ π_ref) for one prompt over a finite set of responses (probabilities of shape (Y,))."""
     kl = (policy_probs * (policy_probs.log() - ref_probs.log())).sum()
     return (policy_probs * rewards).sum() - beta * kl
 
 
-def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
-    """The maximiser of `kl_regularised_objective`: π*(y|x) = π_ref(y|x) exp(r(x, y)/β) / Z(x).
-
-    Args:
-        ref_probs: π_ref(y|x), shape (Y,).
-        rewards: r(x, y), shape (Y,).
-        beta: weight of the KL penalty.
-
-    Returns:
-        π*(y|x), shape (Y,).
-    """
+def optimal_policy(ref_probs: Tensor, rewards: Tensor, beta: float) -> Tensor:
+    """The maximiser of `kl_regularised_objective`: π*(y|x) = π_ref(y|x) exp(r(x, y)/β) / Z(x)."""
     # softmax normalises by Z(x) = Σ_y π_ref(y|x) exp(r(x, y)/β), computed stably in log space.
     return torch.softmax(ref_probs.log() + rewards / beta, dim=-1)
 
 
 def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO loss from the formula: −log σ(β[log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x)]).
-
-    Args:
-        policy_chosen_logps: log π_θ(y_w|x), summed over the response tokens, shape (B,).
-        policy_rejected_logps: log π_θ(y_l|x), shape (B,).
-        ref_chosen_logps: log π_ref(y_w|x), shape (B,).
-        ref_rejected_logps: log π_ref(y_l|x), shape (B,).
-        beta: β, the KL weight of the objective DPO is derived from.
-
-    Returns:
-        (losses, chosen_rewards, rejected_rewards), each shape (B,). The rewards are DPO's implicit rewards
-        β log π_θ(y|x)/π_ref(y|x); the loss is the Bradley-Terry negative log-likelihood of their difference.
-    """
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
-    return losses, chosen_rewards, rejected_rewards
+    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(losses, chosen_rewards, rejected_rewards) per pair from the policy's and the reference's summed log-probs:
+    the implicit rewards β log π_θ(y|x)/π_ref(y|x) and the Bradley-Terry loss −log σ of their difference."""
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
-def summed_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log π(y|x) as DPO uses it: the *sum* of the answer's token log-probs.
-
-    Args:
-        token_logps: log π(y_t | x, y_<t), shape (B, T), any value where `mask` is 0.
-        mask: 1 on the answer's tokens, 0 on padding, shape (B, T).
-
-    Returns:
-        Shape (B,). A longer answer sums more terms: its log-prob, and any change of it, grows with its length.
-    """
+def summed_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """log π(y|x) as DPO uses it, shape (B,): the *sum* of the answer's token log-probs ((B, T), `mask` 1 on them)."""
     return (token_logps * mask).sum(-1)
 
 
-def token_mean_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The SFT loss: the negative log-prob *per token*, averaged over every answer token of the batch.
-
-    This is how transformers computes SFT's cross-entropy and how TRL computes the `sft` term of the DPO loss
-    (a token-weighted mean: a long answer counts as many tokens, not as one example).
-
-    Args:
-        token_logps, mask: as in `summed_logps`.
-
-    Returns:
-        A scalar tensor, in nats per token.
-    """
+def token_mean_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """The SFT loss, and TRL's `sft` term of the DPO loss: −log-prob averaged over every answer token of the batch
+    (a long answer counts as many tokens, not as one example)."""
     return -(token_logps * mask).sum() / mask.sum()
 
 
 def rpo_loss(
-    policy_chosen_token_logps: torch.Tensor,
-    chosen_mask: torch.Tensor,
-    policy_rejected_token_logps: torch.Tensor,
-    rejected_mask: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_mask: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
     beta: float,
     nll_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This recipe's DPO loss for one batch: DPO's sigmoid loss plus the NLL of the chosen answers (RPO).
-
-    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization") is TRL's `loss_type=["sigmoid", "sft"]`
-    with `loss_weights=[1, nll_weight]`: the mean over pairs of `dpo_loss` (summed log-probs) plus `nll_weight`
-    times `token_mean_nll` of the chosen answers (per-token mean), as `DPOTrainer._compute_loss` adds them.
-
-    Args:
-        policy_chosen_token_logps, chosen_mask: the policy's per-token log-probs of y_w and their mask, (B, T).
-        policy_rejected_token_logps, rejected_mask: the same for y_l, (B, T').
-        ref_chosen_logps, ref_rejected_logps: the reference's summed log-probs, (B,).
-        beta: β.
-        nll_weight: the weight of the NLL term (TRL's `loss_weights[1]`).
-
-    Returns:
-        (loss, sigmoid_term, nll_term), scalar tensors, loss = sigmoid_term + nll_weight * nll_term.
-    """
-    losses, _, _ = dpo_loss(
-        summed_logps(policy_chosen_token_logps, chosen_mask),
-        summed_logps(policy_rejected_token_logps, rejected_mask),
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta,
-    )
-    sigmoid_term, nll_term = losses.mean(), token_mean_nll(policy_chosen_token_logps, chosen_mask)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, sigmoid_term, nll_term) of this recipe's DPO stage, TRL's `loss_type=["sigmoid", "sft"]` with
+    `loss_weights=[1, nll_weight]` (RPO): the mean `dpo_loss` plus `nll_weight` times the chosen answers' NLL."""
+    chosen, rejected = summed_logps(chosen_token_logps, chosen_mask), summed_logps(rejected_token_logps, rejected_mask)
+    losses, _, _ = dpo_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, beta)
+    sigmoid_term, nll_term = losses.mean(), token_mean_nll(chosen_token_logps, chosen_mask)
     return sigmoid_term + nll_weight * nll_term, sigmoid_term, nll_term
 
 
-def toy_token_logps(
-    n: int, max_tokens: int = 24, vocab_size: int = 64, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of `n` answers of random lengths (1 to `max_tokens`), for examples without a model.
-
-    Each token is drawn from a random next-token distribution over `vocab_size` tokens, so every value is a
-    real log-probability (≤ 0, of a token the distribution would produce).
-
-    Returns:
-        (token_logps, mask), each (n, max_tokens); token_logps is 0 where mask is 0.
-    """
+def toy_token_logps(n: int, max_tokens: int = 24, vocab_size: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(token_logps, mask), each (n, max_tokens), of `n` answers of 1 to `max_tokens` tokens, each token drawn from a
+    random next-token distribution: real log-probabilities, for examples without a model (0 where mask is 0)."""
     g = torch.Generator().manual_seed(seed)
     log_dists = torch.log_softmax(2 * torch.randn(n, max_tokens, vocab_size, generator=g), dim=-1)
     tokens = torch.multinomial(log_dists.exp().reshape(-1, vocab_size), 1, generator=g).reshape(n, max_tokens, 1)
@@ -190,22 +85,10 @@ def toy_token_logps(
 
 
 def optimise_margin(beta: float, steps: int, lr: float, optimizer: str = "adam") -> list[float]:
-    """The log-ratio margin m of one pair, trained from 0 by minimising −log σ(β m) with m as the only parameter.
-
-    A one-number stand-in for training: it shows how β and the optimizer set how far m moves, without a model.
-
-    Args:
-        beta: β.
-        steps: optimizer steps.
-        lr: learning rate.
-        optimizer: "adam" (torch's Adam, default betas) or "sgd".
-
-    Returns:
-        m after each step.
-    """
+    """The log-ratio margin m after each step of minimising −log σ(β m) from m = 0 with m as the only parameter, with
+    torch's Adam or SGD: a one-number stand-in for training."""
     margin = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    opt = optimizers[optimizer]([margin], lr=lr)
+    opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]([margin], lr=lr)
     zero = torch.zeros(1, dtype=torch.float64)
     trajectory = []
     for _ in range(steps):
@@ -214,3 +97,220 @@ def optimise_margin(beta: float, steps: int, lr: float, optimizer: str = "adam")
         opt.step()
         trajectory.append(margin.item())
     return trajectory
+
+
+# --- parameter counts and LoRA: transformers and peft count, on the meta device (shapes only, no memory) ------------
+@dataclass(frozen=True)
+class ModelShapes:
+    """The shapes of a Llama decoder (names as in transformers' `LlamaConfig`)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+
+LLAMA_31_8B = ModelShapes(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+)
+
+
+def _meta_model(shapes: ModelShapes) -> torch.nn.Module:
+    """A `LlamaForCausalLM` of these shapes on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # imported here: seconds to import, only this needs it
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**asdict(shapes)))
+
+
+def linear_shapes(shapes: ModelShapes) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of the seven linear layers in one decoder layer."""
+    layer = _meta_model(replace(shapes, num_hidden_layers=1)).model.layers[0]
+    linear = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    return {n.split(".")[-1]: (m.in_features, m.out_features) for n, m in linear}
+
+
+def total_params(shapes: ModelShapes) -> int:
+    """All parameters of the model (a tied lm_head counted once)."""
+    return sum(p.numel() for p in _meta_model(shapes).parameters())
+
+
+def lora_trainable_params(shapes: ModelShapes, r: int, target_modules: tuple[str, ...] | list[str]) -> int:
+    """The parameters peft's LoRA of rank `r` on `target_modules` trains."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        model = get_peft_model(_meta_model(shapes), LoraConfig(r=r, target_modules=list(target_modules)))
+    return model.get_nb_trainable_parameters()[0]
+
+
+# --- 4-bit memory (bitsandbytes NF4 with double quantization) -------------------------------------------------------
+def nf4_bytes(numel: int, blocksize: int = 64) -> dict[str, int]:
+    """Bytes bitsandbytes stores for one weight in NF4 with double quantization: the 4-bit `weights`, one uint8
+    `absmax` per block of `blocksize`, one fp32 `absmax2` per 256 of those, and the fp32 `tables` (the
+    16-entry NF4 code, the 256-entry 8-bit code and the offset subtracted from the absmax values)."""
+    n_absmax = math.ceil(numel / blocksize)
+    return {
+        "weights": math.ceil(numel / 2),
+        "absmax": n_absmax,
+        "absmax2": 4 * math.ceil(n_absmax / 256),
+        "tables": 4 * (16 + 256 + 1),
+    }
+
+
+def quantized_memory_gb(shapes: ModelShapes = LLAMA_31_8B, blocksize: int = 64) -> dict[str, float]:
+    """GB (10^9 bytes) per part, and `total`, of the model's weights as bitsandbytes loads them in 4 bits: the
+    decoder's linear layers in NF4 with double quantization, embed_tokens, lm_head and the norms in bf16."""
+    model, nf4 = _meta_model(shapes), Counter()
+    for module in model.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            nf4.update(nf4_bytes(module.weight.numel(), blocksize))
+    kept = {n: p.numel() for n, p in model.named_parameters() if "proj" not in n}  # embeddings, lm_head, norms
+    sizes = {
+        "linear weights (NF4, 4 bit)": nf4["weights"],
+        f"absmax, 1 per {blocksize} (uint8)": nf4["absmax"],
+        "absmax scales, 1 per 256 (fp32)": nf4["absmax2"],
+        "code tables and offsets (fp32)": nf4["tables"],
+        "embed_tokens + lm_head (bf16)": 2 * sum(v for n, v in kept.items() if "norm" not in n),
+        "norms (bf16)": 2 * sum(v for n, v in kept.items() if "norm" in n),
+    }
+    return {part: size / 1e9 for part, size in sizes.items()} | {"total": sum(sizes.values()) / 1e9}
+
+
+def nf4_levels() -> Tensor:
+    """bitsandbytes' 16 NF4 values, as fractions of a block's absmax: 7 negative, 0, 8 positive."""
+    from bitsandbytes.functional import get_4bit_type  # imported here: only the NF4 pictures need bitsandbytes
+
+    return get_4bit_type("nf4", device="cpu").float()
+
+
+def nf4_quantize(weight: Tensor, blocksize: int = 64) -> tuple[Tensor, Tensor]:
+    """Quantize `weight` (numel a multiple of `blocksize`) to NF4 with bitsandbytes, as `load_in_4bit` does: (scaled,
+    codes), flat, each weight divided by its block's absmax and the index into `nf4_levels()` bitsandbytes chose."""
+    from bitsandbytes.functional import quantize_4bit
+
+    flat = weight.detach().float().cpu().reshape(-1, blocksize)
+    packed, state = quantize_4bit(flat, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).flatten().long()  # two codes a byte, high nibble first
+    return (flat / state.absmax.reshape(-1, 1)).flatten(), codes
+
+
+# --- TRL's own loss code ------------------------------------------------------------------------------------------
+_SINGLE_PROCESS = SimpleNamespace(  # accelerate's `Accelerator` in one process, where a gather returns its input
+    device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t, reduce=lambda t, reduction="sum": t
+)
+
+
+def _bare_trainer(trainer_class: type, args: object) -> object:
+    """A TRL trainer built without `__init__` (which needs a model and a dataset), enough for its `_compute_loss`:
+    one process, a model in training mode, no router loss (a dense Llama has none)."""
+    trainer = object.__new__(trainer_class)
+    trainer.args, trainer.accelerator, trainer.aux_loss_enabled = args, _SINGLE_PROCESS, False
+    trainer.model = SimpleNamespace(training=True)
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    return trainer
+
+
+def trl_batch_loss(
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_mask: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: tuple[str, ...] = ("sigmoid",),
+    loss_weights: tuple[float, ...] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """(loss, logged metrics) of one batch (arguments as in `rpo_loss`) by TRL's own `DPOTrainer._compute_loss`, for
+    any `loss_type`. TRL 1.15 has no standalone loss function: the method runs unmodified on a bare trainer, with the
+    loss settings of a real `DPOConfig` copied as `__init__` does and a policy that returns the given log-probs."""
+    from trl import DPOConfig, DPOTrainer  # imported here: TRL takes seconds to import and only this needs it
+
+    weights = list(loss_weights) if loss_weights else None
+    args = DPOConfig(
+        beta=beta, loss_type=list(loss_type), loss_weights=weights, precompute_ref_log_probs=True, bf16=False
+    )
+    trainer = _bare_trainer(DPOTrainer, args)
+    copied = ("beta", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "use_weighting")
+    for name in copied:
+        setattr(trainer, name, getattr(args, name))
+    trainer.precompute_ref_logps, trainer.loss_types = True, args.loss_type
+    trainer.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
+    trainer._total_train_tokens, trainer._tp_size = 0, 1
+    # The batch is [chosen rows, rejected rows], padded to one width, each a prompt token then the completion tokens.
+    logps = pad_sequence([*chosen_token_logps, *rejected_token_logps], batch_first=True)
+    completion_mask = F.pad(pad_sequence([*chosen_mask, *rejected_mask], batch_first=True).long(), (1, 0))
+
+    def policy(labels: Tensor, **kwargs) -> SimpleNamespace:  # as TRL's fused LM head: 0 off the completion
+        masked, zeros = logps * (labels[:, 1:] != -100), torch.zeros_like(logps)
+        # entropy, mean_logits and is_top1 only feed TRL's logged metrics, not the loss or the rewards.
+        return SimpleNamespace(log_probs=masked, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    inputs = {
+        "input_ids": torch.zeros_like(completion_mask),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen_logps,
+        "ref_rejected_logps": ref_rejected_logps,
+    }
+    loss = trainer._compute_loss(policy, inputs, return_outputs=False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def trl_dpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`dpo_loss`'s (losses, chosen_rewards, rejected_rewards) by TRL's `_compute_loss` (`trl_batch_loss`): each pair
+    is its own batch of one token an answer, since TRL returns only the batch mean; the rewards are what it logs."""
+    one, dtype = torch.ones(1, 1), chosen_logps.dtype
+    pairs = zip(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, strict=True)
+    runs = [trl_batch_loss(c[None, None], one, r[None, None], one, rc[None], rr[None], beta) for c, r, rc, rr in pairs]
+    rewards = [torch.tensor([m[f"rewards/{k}"] for _, m in runs], dtype=dtype) for k in ("chosen", "rejected")]
+    return torch.stack([loss for loss, _ in runs]), *rewards
+
+
+# --- RLOO: the policy gradient TRL's RLOOTrainer follows (notebook 06) ----------------------------------------------
+def rloo_advantages(scores: Tensor, kl: Tensor, beta: float, k: int) -> Tensor:
+    """Each answer's reward R_i = score_i − β·KL_i minus the mean reward of the other k − 1 answers to its prompt (the
+    k answers of a prompt next to each other; `kl`: each answer's summed log-ratio to the reference, TRL's estimate)."""
+    rewards = (scores - beta * kl).view(-1, k)
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    return (rewards - baseline).view(-1)
+
+
+def rloo_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, epsilon: float = 0.2) -> Tensor:
+    """−mean_i min(ρ_i A_i, clip(ρ_i, 1 − ε, 1 + ε) A_i) with ρ_i = π_θ(y_i)/π_old(y_i) from sequence log-probs."""
+    ratio = torch.exp(logps - old_logps)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages).mean()
+
+
+def trl_rloo_loss(token_logps: Tensor, mask: Tensor, old_logps: Tensor, advantages: Tensor, epsilon: float) -> Tensor:
+    """`rloo_loss` by TRL's own `RLOOTrainer._compute_loss`, unmodified, on a bare trainer (its clipping range from a
+    real `RLOOConfig`) with a stand-in for its log-prob pass; `token_logps` and `mask` are (answers, tokens)."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    args = RLOOConfig(epsilon=epsilon, use_cpu=True, bf16=False)
+    trainer = _bare_trainer(RLOOTrainer, args)
+    trainer.epsilon_low = args.epsilon
+    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (token_logps, torch.zeros_like(token_logps), None)
+    inputs = {
+        "prompt_ids": torch.zeros(len(mask), 1, dtype=torch.long),
+        "prompt_mask": torch.ones(len(mask), 1, dtype=torch.long),
+        "completion_ids": torch.zeros_like(mask, dtype=torch.long),
+        "completion_mask": mask,
+        "old_logps": old_logps,
+        "advantages": advantages,
+    }
+    return trainer._compute_loss(trainer.model, inputs)

@@ -1,4 +1,5 @@
-"""Data validation names each bad row (1-based line) and its problem; every file format goes the same way.
+"""Data validation names each bad row (1-based line) and its problem; every file format goes the same way; the splits
+hold out whole problems, so held out means unseen.
 
 Rows follow the real schemas: FineTome-100k (`conversations` of `{from, value}`, `source`, `score`) and
 orpo-dpo-mix-40k (`source`, whole conversations in `chosen`/`rejected`, string `prompt` and `question`).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,10 +19,10 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from helpers import data, data_files, data_rows
-from helpers.chat import apply_llama31_template
-from helpers.data import load_examples
-from helpers.data_files import DataError
+from helpers import data
+from helpers.data import DataError, load_examples
+from helpers.model import apply_chat_template
+from helpers.settings import full_profile, smoke_profile
 
 TOXIC_REASON = "source toxic-dpo-v0.2 (dropped as the dataset card asks)"
 
@@ -130,7 +132,7 @@ def test_nothing_usable_stops_with_the_expected_schema(kind, tmp_path):
     with pytest.raises(DataError) as error:
         load_examples(str(path), kind)
     message = str(error.value)
-    assert message.startswith("No usable rows: " + data.expected_schema(kind))
+    assert message.startswith("No usable rows: " + data.SCHEMAS[kind])
     assert "2 rows read, 0 usable" in message and "line 2: missing column" in message
 
 
@@ -192,13 +194,15 @@ def test_explicit_prompt_messages_are_joined_to_the_answers(tmp_path):
 
 
 def test_hub_ids_go_to_the_hub_and_paths_do_not(tmp_path, monkeypatch):
+    import datasets
+
     asked = []
-    monkeypatch.setattr(data_files, "read_hub", lambda source: asked.append(source) or [(1, GOOD_SFT)])
+    monkeypatch.setattr(datasets, "load_dataset", lambda source, split: asked.append((source, split)) or [GOOD_SFT])
     load_examples("mlabonne/FineTome-100k", "sft")
-    assert asked == ["mlabonne/FineTome-100k"]
+    assert asked == [("mlabonne/FineTome-100k", "train")]
     with pytest.raises(DataError, match="no such file"):
         load_examples(str(tmp_path / "missing.jsonl"), "sft")
-    assert asked == ["mlabonne/FineTome-100k"]
+    assert asked == [("mlabonne/FineTome-100k", "train")]
 
 
 # --- length filter ---------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def test_hub_ids_go_to_the_hub_and_paths_do_not(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer(smoke_world):
-    return apply_llama31_template(AutoTokenizer.from_pretrained(smoke_world / "base-model"))
+    return apply_chat_template(AutoTokenizer.from_pretrained(smoke_world / "base-model"))
 
 
 def conversation(answer: str) -> dict:
@@ -221,14 +225,20 @@ def test_length_filter_reports_what_it_removed(tokenizer):
     kept, message = data.filter_by_length(dataset, tokenizer, limit, "SFT train")
     assert kept["messages"] == [short["messages"], short["messages"]]
     longest = data.example_length(long, tokenizer)
-    assert message == f"SFT train: kept 2 of 3 examples; removed 1 longer than {limit} tokens (longest was {longest})"
+    assert message == f"SFT train: kept 2 of 3; removed 1 longer than {limit} tokens (longest was {longest})"
 
 
-def test_max_length_shorter_than_the_prompts_is_an_error(tokenizer):
-    [pair] = data.check_records([(1, GOOD_PREFERENCE)], "preference", data.LoadReport("x", "preference"))
-    limit = data.prompt_length(pair, tokenizer) - 1
-    with pytest.raises(DataError, match=f"DPO train: all 2 prompts alone are longer than max_length={limit} tokens"):
-        data.filter_by_length(Dataset.from_list([pair, pair]), tokenizer, limit, "DPO train")
+def test_a_pair_counts_as_its_prompt_with_the_longer_answer(tokenizer):
+    pair = data.preference_example(GOOD_PREFERENCE)
+    longer = max(data.count_tokens(pair["prompt"] + pair[k], tokenizer) for k in ("chosen", "rejected"))
+    assert data.example_length(pair, tokenizer) == longer > data.count_tokens(pair["prompt"], tokenizer)
+
+
+def test_max_length_shorter_than_every_example_is_an_error(tokenizer):
+    pair = data.preference_example(GOOD_PREFERENCE)
+    length = data.example_length(pair, tokenizer)
+    with pytest.raises(DataError, match=f"DPO train: all 2 examples are longer than max_length={length - 1} tokens"):
+        data.filter_by_length(Dataset.from_list([pair, pair]), tokenizer, length - 1, "DPO train")
 
 
 # --- the command line ------------------------------------------------------------------------------------------
@@ -303,7 +313,7 @@ def test_cli_as_a_command_fails_without_a_traceback(tmp_path):
 
 # --- the chat format: literal special tokens drop the row, an empty system turn is removed ---------------------
 
-SPECIAL = data_rows.SPECIAL_TOKEN_TEXT
+SPECIAL = data.SPECIAL_TOKEN_TEXT
 CONTROL = "it would become a control token"
 
 
@@ -377,10 +387,10 @@ def test_an_empty_system_turn_is_removed_and_the_row_kept(tmp_path):
     examples, report = load_examples(str(write_jsonl(tmp_path / "rows.jsonl", *rows)), "sft")
     assert [ex["messages"][0]["role"] for ex in examples] == ["user", "user"]
     assert report.rows_usable == 2 and report.dropped == {"is empty": 2}
-    assert report.modified == {data_rows.EMPTY_SYSTEM_TURN: 2}
+    assert report.modified == {data.EMPTY_SYSTEM_TURN: 2}
     assert report.changes == [
-        (1, "empty system turn removed: 'conversations' message 1; the row is kept"),
-        (3, "empty system turn removed: 'conversations' message 1; the row is kept"),
+        (1, "empty system turn removed: 'conversations' message 1; row kept"),
+        (3, "empty system turn removed: 'conversations' message 1; row kept"),
     ]
     assert [line for line, _ in report.problems] == [2, 4]
     assert "modified 2 × empty system turn removed (rows kept)" in report.summary()
@@ -398,11 +408,11 @@ def test_chosen_and_rejected_lose_the_same_empty_system_turn(tmp_path):
     examples, report = load_examples(str(write_jsonl(tmp_path / "p.jsonl", both, only_chosen, explicit)), "preference")
     expected = load_examples(str(write_jsonl(tmp_path / "ref.jsonl", GOOD_PREFERENCE)), "preference")[0][0]
     assert examples == [expected] * 3 and not report.dropped
-    assert report.modified == {data_rows.EMPTY_SYSTEM_TURN: 3}  # rows, not turns
+    assert report.modified == {data.EMPTY_SYSTEM_TURN: 3}  # rows, not turns
     assert [text.split(": ", 1)[1] for _, text in report.changes] == [
-        "'chosen' message 1, 'rejected' message 1; the row is kept",
-        "'chosen' message 1; the row is kept",
-        "'prompt' message 1; the row is kept",
+        "'chosen' message 1, 'rejected' message 1; row kept",
+        "'chosen' message 1; row kept",
+        "'prompt' message 1; row kept",
     ]
 
 
@@ -417,4 +427,135 @@ def test_cli_prints_special_tokens_and_removed_system_turns_with_their_lines(tmp
     assert "3 rows read, 2 usable" in out and f"dropped 1 × {SPECIAL}" in out
     assert "line 2: 'chosen' message 2 (assistant) contains the literal special token '<|eot_id|>'" in out
     assert "modified 1 × empty system turn removed (rows kept)" in out
-    assert "line 3: empty system turn removed: 'chosen' message 1, 'rejected' message 1; the row is kept" in out
+    assert "line 3: empty system turn removed: 'chosen' message 1, 'rejected' message 1; row kept" in out
+
+
+# --- splits: held out means unseen, in any wording, in any stage ------------------------------------------------
+
+
+def asked(rows, key) -> set[str]:
+    """The problem keys every user turn of `rows` (conversations or pairs) asks."""
+    return {k for row in rows for k in data.user_keys(data.conversation(row), key)}
+
+
+@pytest.fixture
+def smoke_splits(tmp_profile):
+    """The smoke world's data split as a run splits it, and written to `splits/`."""
+    sft, _ = data.load_dataset(tmp_profile.data.sft_dataset, "sft")
+    pairs, _ = data.load_dataset(tmp_profile.data.preference_dataset, "preference")
+    parts = data.split_sft(sft, tmp_profile) | data.split_preferences(pairs, tmp_profile)
+    for name, part in parts.items():
+        data.write_split(tmp_profile, name, part)
+    return parts
+
+
+def test_problem_key_ignores_wording_and_order():
+    from helpers.smoke import PROMPT_TEMPLATES, problem_key
+
+    keys = {problem_key(t.format(a=3, b=4)) for t in PROMPT_TEMPLATES} | {problem_key("Add 4 and 3.")}
+    assert keys == {"3+4"} and problem_key("What is 3 + 5?") != "3+4"
+
+
+def test_smoke_evaluation_problems_are_never_trained_on(tmp_profile, smoke_splits):
+    key = data.key_function(tmp_profile.data.heldout_key)
+    held_out = asked(smoke_splits["eval"], key)
+    assert held_out and all(len(smoke_splits[name]) for name in smoke_splits)
+    for name in ("sft-train", "dpo-train", "reward-train"):
+        assert not held_out & asked(smoke_splits[name], key), f"{name} asks held-out problems"
+
+
+def test_overlap_report_counts_zero_for_the_smoke_splits(tmp_profile, smoke_splits):
+    report = data.overlap_report(tmp_profile)
+    assert data.overlap_failures(report) == []
+    assert report.pop("eval_pairs") == len(smoke_splits["eval"]) > 0
+    assert report == dict.fromkeys(report, 0) and len(report) == 4
+
+
+def test_overlap_failures_name_every_count_that_is_not_zero():
+    report = {"eval_pairs": 9, "eval_problems_in_training": 2, "eval_prompts_in_training": 0}
+    assert data.overlap_failures(report) == ["eval_problems_in_training = 2 (must be 0)"]
+
+
+def test_the_reward_model_trains_on_pairs_dpo_never_sees(smoke_splits):
+    def pair_ids(rows):
+        return {str(row) for row in rows}
+
+    assert not pair_ids(smoke_splits["reward-train"]) & pair_ids(smoke_splits["dpo-train"])
+
+
+def pair(question: str, earlier: tuple[str, ...] = ()) -> dict:
+    prompt = [m for q in earlier for m in ({"role": "user", "content": q}, {"role": "assistant", "content": "ok"})]
+    prompt.append({"role": "user", "content": question})
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+
+
+def test_full_rule_holds_out_a_prompt_in_every_spelling(tmp_path):
+    profile = replace(full_profile(), outputs_root=str(tmp_path))
+    profile = replace(profile, data=replace(profile.data, eval_fraction=0.5))
+    questions = [f"Explain topic number {i} in simple words." for i in range(40)]
+    held = next(q for q in questions if data.unit_hash(data.normalized_text(q), profile.seed) < 0.5)
+    spellings = [held, held.upper(), "  " + held.replace(" ", "\n  ") + " "]
+    rows = [pair(q) for q in questions + spellings[1:]] + [pair("Thanks!", earlier=(spellings[2],))]
+    train, reward, evaluation = data.split_preferences(Dataset.from_list(rows), profile).values()
+    assert len(reward) == 0 and len(train) and len(evaluation)
+    held_out, trained = asked(evaluation, data.normalized_text), asked(train, data.normalized_text)
+    assert data.normalized_text(held) in held_out and not held_out & trained
+    assert sum(data.normalized_text(held) in asked([row], data.normalized_text) for row in evaluation) == 4
+
+    for name, part in (("dpo-train", train), ("eval", evaluation)):
+        data.write_split(profile, name, part)
+    assert data.overlap_report(profile)["eval_prompts_in_training"] == 0
+
+
+def test_overlap_report_counts_a_leaked_prompt_in_any_spelling(tmp_path):
+    profile = replace(full_profile(), outputs_root=str(tmp_path))
+    data.write_split(profile, "dpo-train", Dataset.from_list([pair("What is DPO?"), pair("Other.")]))
+    data.write_split(profile, "eval", Dataset.from_list([pair("  what is\tdpo? "), pair("New question.")]))
+    report = data.overlap_report(profile)
+    assert (report["eval_pairs"], report["eval_prompts_in_training"], report["eval_problems_in_training"]) == (2, 1, 1)
+
+
+def test_sft_conversation_asking_a_held_out_problem_anywhere_is_held_out(tmp_path):
+    profile = replace(full_profile(), outputs_root=str(tmp_path))
+    profile = replace(profile, data=replace(profile.data, eval_fraction=0.5))
+    texts = [f"Question {i}?" for i in range(40)]
+    held = next(t for t in texts if data.unit_hash(data.normalized_text(t), profile.seed) < 0.5)
+    kept = next(t for t in texts if data.unit_hash(data.normalized_text(t), profile.seed) >= 0.5)
+    conversation = [
+        {"role": "user", "content": kept},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": held.lower()},
+        {"role": "assistant", "content": "b"},
+    ]
+    other = [{"role": "user", "content": kept}, {"role": "assistant", "content": "c"}]
+    train, evaluation = data.split_sft(
+        Dataset.from_list([{"messages": conversation}, {"messages": other}]), profile
+    ).values()
+    assert (len(train), len(evaluation)) == (1, 1) and evaluation[0]["messages"] == conversation
+
+
+def test_an_empty_split_is_refused_with_what_to_change(tmp_path):
+    profile = replace(full_profile(), outputs_root=str(tmp_path))
+    profile = replace(profile, data=replace(profile.data, eval_fraction=0.0))  # nothing held out
+    with pytest.raises(ValueError, match=r"The eval split is empty: 3 rows .* eval_fraction 0.0"):
+        data.split_preferences(Dataset.from_list([pair(f"Question {i}?") for i in range(3)]), profile)
+
+
+def test_smoke_holds_out_the_same_number_of_problems_for_every_seed():
+    from helpers.smoke import TOY_PROBLEMS
+
+    for seed in range(30):
+        position = data.positions(smoke_profile(seed))
+        assert sum(position(key) < 0.2 for key in TOY_PROBLEMS) == 11  # 0.2 × 55, where a hash held out 3 to 20
+        assert position("say something rude.") == data.unit_hash("say something rude.", seed)
+
+
+def test_a_seeded_subset_keeps_the_original_order():
+    rows = Dataset.from_list([{"i": i} for i in range(50)])
+    picked = data.subset(rows, 10, seed=3)["i"]
+    assert len(picked) == 10 and picked == sorted(picked) and picked == data.subset(rows, 10, seed=3)["i"]
+    assert picked != data.subset(rows, 10, seed=4)["i"] and data.subset(rows, None, 3) is rows

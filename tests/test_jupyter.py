@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import websocket
 
-from helpers.config import PROJECT_ROOT
+from helpers.settings import PROJECT_ROOT
 
 THEORY_NOTEBOOK = "notebooks/01_theory.ipynb"
 START_TIMEOUT_S = 30

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from helpers.config import PROJECT_ROOT
+from helpers.settings import PROJECT_ROOT
 
 
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])

@@ -1,4 +1,5 @@
-"""The project's chat template and TRL's tokenization give Meta's own Llama 3 token ids.
+"""TRL's Llama 3 training template (`helpers.model.apply_chat_template`) and TRL's tokenization give Meta's own Llama 3
+token ids.
 
 The reference is Meta's package `llama-models`: its `tokenizer.model` and its dialog encoder `ChatFormat`. The
 Hugging Face tokenizer is built from that file as the real checkpoints' is (tiktoken BPE, the 256 special tokens,
@@ -22,9 +23,11 @@ from tokenizers import processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from helpers import chat, evaluate, train
-from helpers.config import full_profile
-from helpers.model import add_lora
+from helpers import generation, settings, training
+from helpers.data import find_special_token, loss_token_spans
+from helpers.model import add_lora, apply_chat_template
+from helpers.settings import BOS, END_OF_TEXT, EOT, LLAMA3_SPECIAL_TOKENS, full_profile
+from llama_sampler import render_prompt
 
 
 @pytest.fixture(scope="session")
@@ -40,17 +43,17 @@ def meta_special_tokens(meta: ChatFormat) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(meta):
-    """A Hugging Face fast tokenizer from Meta's tokenizer.model, with the project's chat template (~3 s)."""
+    """A Hugging Face fast tokenizer from Meta's tokenizer.model, with TRL's Llama 3 template (~3 s)."""
     vocab_file = str(Path(meta_tokenizer.__file__).with_name("tokenizer.model"))
     converter = TikTokenConverter(vocab_file, Tokenizer.pat_str, extra_special_tokens=meta_special_tokens(meta))
     backend = converter.converted()
     bos_id = meta.tokenizer.bos_id
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{chat.BOS} $A", pair=f"{chat.BOS} $A {chat.BOS} $B:1", special_tokens=[(chat.BOS, bos_id)]
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)]
     )
     # The base checkpoint's settings: end of sequence is <|end_of_text|> (the Instruct one uses <|eot_id|>).
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=chat.BOS, eos_token=chat.END_OF_TEXT)
-    return chat.apply_llama31_template(hf)
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=END_OF_TEXT)
+    return apply_chat_template(hf)
 
 
 def meta_ids(meta: ChatFormat, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -62,7 +65,9 @@ def meta_ids(meta: ChatFormat, messages: list[dict], add_generation_prompt: bool
 
 
 def template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)["input_ids"]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=True)[
+        "input_ids"
+    ]
 
 
 def turns(*pairs: tuple[str, str]) -> list[dict]:
@@ -89,8 +94,9 @@ CONVERSATIONS = {
 
 
 def test_the_special_token_list_is_metas(meta):
-    assert meta_special_tokens(meta) == list(chat.LLAMA3_SPECIAL_TOKENS)
-    assert [meta.tokenizer.special_tokens[t] for t in chat.LLAMA3_SPECIAL_TOKENS] == list(range(128000, 128256))
+    assert meta_special_tokens(meta) == list(LLAMA3_SPECIAL_TOKENS)
+    assert [meta.tokenizer.special_tokens[t] for t in LLAMA3_SPECIAL_TOKENS] == list(range(128000, 128256))
+    assert [meta.tokenizer.special_tokens[t] for t in settings.CHAT_TOKENS] == [128006, 128007, 128009]
 
 
 @pytest.mark.parametrize("case", CONVERSATIONS)
@@ -110,10 +116,10 @@ def test_known_differences_trimming_and_literal_special_tokens(meta, tokenizer):
     eot = meta.tokenizer.eot_id
     assert eot in tokenizer("a<|eot_id|>b", add_special_tokens=False)["input_ids"]
     assert eot not in meta.tokenizer.encode("a<|eot_id|>b", bos=False, eos=False)
-    for i, token in enumerate(chat.LLAMA3_SPECIAL_TOKENS):
+    for i, token in enumerate(LLAMA3_SPECIAL_TOKENS):
         assert tokenizer(f"x{token}y", add_special_tokens=False)["input_ids"][1] == 128000 + i
-        assert chat.find_special_token(f"x{token}y") == token
-    assert chat.find_special_token("<|EOT_ID|> <|eot_id> <|not_a_token|>") is None
+        assert find_special_token(f"x{token}y") == token
+    assert find_special_token("<|EOT_ID|> <|eot_id> <|not_a_token|>") is None
 
 
 def tiny_llama(tokenizer):
@@ -142,13 +148,21 @@ def profile(tmp_path, monkeypatch):
 
 
 def test_sft_loss_covers_exactly_the_assistant_turns_with_metas_ids(profile, meta, tokenizer):
+    from trl import SFTTrainer
+
     messages = CONVERSATIONS["multi-turn"]
-    model = add_lora(tiny_llama(tokenizer), profile)
-    trainer = train.make_sft_trainer(profile, model, tokenizer, Dataset.from_list([{"messages": messages}]))
+    rows = Dataset.from_list([{"messages": messages}])
+    trainer = SFTTrainer(
+        model=add_lora(tiny_llama(tokenizer), profile, tokenizer),
+        args=settings.sft_config(profile),
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=tokenizer,
+    )
     example = trainer.train_dataset[0]
     assert example["input_ids"] == meta_ids(meta, messages)  # TRL adds no BOS or EOS of its own
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    assert train.loss_token_spans(example, tokenizer) == [a + chat.EOT for a in answers]
+    assert loss_token_spans(example, tokenizer) == [a + EOT for a in answers]
     trained = [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
     assert trained == [t for a in answers for t in meta_answer_ids(meta, a)]
 
@@ -165,8 +179,13 @@ def test_dpo_tokenizes_pairs_to_metas_ids(profile, meta, tokenizer):
     prompt = CONVERSATIONS["multi-turn"][:-1]
     chosen, rejected = "1 + 3 = 4.", "Let me think… it's 4 😀"
     pair = {"prompt": prompt, "chosen": turns(("assistant", chosen)), "rejected": turns(("assistant", rejected))}
-    model = add_lora(tiny_llama(tokenizer), profile)
-    trainer = train.make_dpo_trainer(profile, model, tokenizer, Dataset.from_list([pair]))
+    trainer = training.ProjectDPOTrainer(
+        model=add_lora(tiny_llama(tokenizer), profile, tokenizer),
+        ref_model=None,
+        args=settings.dpo_config(profile),
+        train_dataset=Dataset.from_list([pair]),
+        processing_class=tokenizer,
+    )
     row = trainer.train_dataset[0]
     assert row["prompt_ids"] == meta_ids(meta, prompt, add_generation_prompt=True)
     assert row["chosen_ids"] == meta_answer_ids(meta, chosen)
@@ -175,6 +194,7 @@ def test_dpo_tokenizes_pairs_to_metas_ids(profile, meta, tokenizer):
     # and no <|end_of_text|> (the tokenizer's EOS) is appended.
     ids = row["prompt_ids"] + row["chosen_ids"]
     assert ids.count(tokenizer.bos_token_id) == 1 and tokenizer.eos_token_id not in ids + row["rejected_ids"]
-    # The evaluation code scores answers on the same ids DPO trained on.
-    assert evaluate.render_prompt(tokenizer, prompt) == row["prompt_ids"]
-    assert evaluate.completion_ids(tokenizer, pair["chosen"]) == row["chosen_ids"]
+    # The one scorer and the sampler read answers on the same ids DPO trained on.
+    assert render_prompt(tokenizer, prompt) == row["prompt_ids"]
+    assert generation.answer_ids(tokenizer, chosen) == row["chosen_ids"]
+    assert generation.answer_ids(tokenizer, rejected) == row["rejected_ids"]

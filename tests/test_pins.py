@@ -8,7 +8,7 @@ import tomllib
 import pytest
 import yaml
 
-from helpers.config import PROJECT_ROOT
+from helpers.settings import PROJECT_ROOT
 
 PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!*-]+)")
 MAKEFILE_PIN_VARIABLES = ("UNSLOTH_CPU", "UNSLOTH_CPU_NEEDS")
@@ -21,8 +21,10 @@ def normalize(name: str) -> str:
 
 
 def environment_pins() -> dict[str, str]:
-    """Return {normalised name: version} from environment.yml's pip section; fail on an unpinned entry."""
-    env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
+    """Return {normalised name: version} from environment.yml's pip section and its `no-deps:` comment line (packages
+    installed without their dependencies, which a pip section cannot say); fail on an unpinned entry."""
+    text = (PROJECT_ROOT / "environment.yml").read_text()
+    env = yaml.safe_load(text)
     pip_sections = [dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict) and "pip" in dep]
     assert len(pip_sections) == 1, "environment.yml needs exactly one pip: section"
     pins = {}
@@ -32,6 +34,9 @@ def environment_pins() -> dict[str, str]:
         match = PIN.fullmatch(entry)
         assert match, f"environment.yml: {entry!r} is not an exact name==version pin"
         pins[normalize(match[1])] = match[2]
+    no_deps = [line for line in text.splitlines() if line.lstrip("# ").startswith("no-deps: pip install --no-deps ")]
+    assert len(no_deps) == 1, "environment.yml needs one `#   no-deps: pip install --no-deps ...` line"
+    pins |= {normalize(name): version for name, version in PIN.findall(no_deps[0])}
     return pins
 
 

@@ -1,4 +1,4 @@
-"""The README's facts are the code's: its table of `TUTORIAL_*` variables is `helpers.environment.VARIABLES`, its
+"""The README's facts are the code's: its table of `TUTORIAL_*` variables is `helpers.settings.VARIABLES`, its
 times are those of `benchmarks/results/quick-profile-estimate.json` for the launchable's A100 40 GB, its `quick`
 sizes are `quick_profile()`'s, and it lists every notebook."""
 
@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from helpers.config import PROJECT_ROOT, quick_profile
-from helpers.environment import VARIABLES
+from helpers.settings import PROJECT_ROOT, VARIABLES, quick_profile
 
 README = (PROJECT_ROOT / "README.md").read_text()
 PROSE = " ".join(README.split())  # line breaks as spaces
@@ -19,7 +18,7 @@ ESTIMATE = json.loads((PROJECT_ROOT / "benchmarks/results/quick-profile-estimate
 
 def variables_table() -> str:
     lines = ["| variable | meaning | default |", "|---|---|---|"]
-    return "\n".join(lines + [f"| `{v.name}` | {v.meaning} | {v.default} |" for v in VARIABLES])
+    return "\n".join(lines + [f"| `{name}` | {meaning} | {default} |" for name, meaning, default in VARIABLES])
 
 
 def duration(minutes: float) -> str:
@@ -30,7 +29,7 @@ def duration(minutes: float) -> str:
 def test_variables_table_is_the_code_s():
     assert README.count("| variable | meaning | default |") == 1
     assert variables_table() in README, f"paste into README.md:\n{variables_table()}"
-    assert set(re.findall(r"\bTUTORIAL_[A-Z_]+", README)) == {v.name for v in VARIABLES}
+    assert set(re.findall(r"\bTUTORIAL_[A-Z_]+", README)) == {name for name, _, _ in VARIABLES}
 
 
 def notebook_rows() -> dict[str, list[str]]:

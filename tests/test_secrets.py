@@ -15,14 +15,15 @@ import shutil
 import string
 import subprocess
 import sys
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 
-from helpers import tracking
-from helpers.checkpoints import KEY_FILE
-from helpers.config import PROJECT_ROOT, cache_root
+from helpers import training
 from helpers.run import series
+from helpers.settings import PROJECT_ROOT, cache_root
+from helpers.training import KEY_FILE
 
 # Fresh per session, so nothing written by an earlier run (or another test) can match by accident.
 FAKE_HF_TOKEN = "hf_FAKE" + "".join(secrets.choice(string.ascii_letters) for _ in range(30))
@@ -47,9 +48,9 @@ def test_tracking_puts_no_token_into_wandb(tmp_profile, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     calls = []
     monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or SimpleNamespace())
-    tracking.start_run(tmp_profile, "sft")
+    training.start_run(tmp_profile, "sft")
     assert calls, "start_run did not start a W&B run"
-    assert calls[0]["config"] == tmp_profile.to_dict()
+    assert calls[0]["config"] == asdict(tmp_profile)
     assert not leaks(json.dumps(calls, default=str))
 
 
@@ -106,6 +107,7 @@ def test_smoke_series_never_prints_or_writes_a_token(smoke_world, session_output
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
     assert not leaks(done.stdout + done.stderr), "a token was printed"
+    assert b"without encryption" not in done.stdout + done.stderr  # the kernels talk over local sockets, not TCP
 
     executed = outputs / "smoke" / "notebooks"
     for notebook in notebooks:

@@ -1,23 +1,34 @@
-"""helpers.theory, trl_loss, qlora and diagrams: DPO loss, RLHF optimum, LoRA counts, 4-bit memory, pictures."""
+"""helpers.theory: the DPO and RPO losses against TRL's own loss code, the RLHF optimum, summed vs mean log-probs, β
+under Adam, LoRA counts, 4-bit memory and NF4's levels (RLOO's loss against TRL's: tests/test_rl.py)."""
 
 import math
 
 import pytest
 import torch
 
-from helpers.config import LORA_TARGET_MODULES
-from helpers.diagrams import draw_dpo_pipeline, draw_rlhf_pipeline, draw_sft_pipeline, plot_dpo_loss_vs_margin
-from helpers.qlora import (
+from helpers.settings import LORA_TARGET_MODULES
+from helpers.theory import (
     LLAMA_31_8B,
     ModelShapes,
+    bradley_terry_prob,
+    dpo_loss,
+    kl_regularised_objective,
+    linear_shapes,
     lora_trainable_params,
     nf4_bytes,
-    peft_lora_param_counts,
+    nf4_levels,
+    nf4_quantize,
+    optimal_policy,
+    optimise_margin,
     quantized_memory_gb,
+    rpo_loss,
+    summed_logps,
+    token_mean_nll,
     total_params,
+    toy_token_logps,
+    trl_batch_loss,
+    trl_dpo_loss,
 )
-from helpers.theory import bradley_terry_prob, dpo_loss, kl_regularised_objective, optimal_policy
-from helpers.trl_loss import trl_dpo_loss
 
 
 def random_logps(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -145,17 +156,17 @@ def test_lora_count_is_linear_in_rank_and_sums_over_modules():
     assert lora_trainable_params(LLAMA_31_8B, 1, ("k_proj",)) == 32 * (4096 + 1024)
 
 
-def test_lora_unknown_module_raises():
-    with pytest.raises(ValueError, match="lm_head"):
-        lora_trainable_params(LLAMA_31_8B, 16, ("q_proj", "lm_head"))
-
-
-def test_counts_agree_with_peft():
+def test_library_counts_are_the_arithmetic():
     small = ModelShapes(256, 3, 688, 8, 2, 32, 1000)
     for shapes in (small, LLAMA_31_8B):
-        trainable, everything = peft_lora_param_counts(shapes, 16, LORA_TARGET_MODULES)
-        assert trainable == lora_trainable_params(shapes, 16, LORA_TARGET_MODULES)
-        assert everything == total_params(shapes) + trainable
+        per_layer = sum(16 * (d_in + d_out) for d_in, d_out in linear_shapes(shapes).values())  # r (d_in + d_out)
+        assert lora_trainable_params(shapes, 16, LORA_TARGET_MODULES) == shapes.num_hidden_layers * per_layer
+        embeddings, norms = (
+            2 * shapes.vocab_size * shapes.hidden_size,
+            (2 * shapes.num_hidden_layers + 1) * shapes.hidden_size,
+        )
+        linear = shapes.num_hidden_layers * sum(d_in * d_out for d_in, d_out in linear_shapes(shapes).values())
+        assert total_params(shapes) == embeddings + norms + linear
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,46 +204,128 @@ def test_quantized_memory_grows_with_smaller_blocks():
     assert quantized_memory_gb(blocksize=32)["total"] > quantized_memory_gb(blocksize=64)["total"]
 
 
+def batch(n: int = 24, seed: int = 0, policy_shift: float = 0.0):
+    """Per-token log-probs of chosen and rejected answers, and reference log-probs moved by `policy_shift`."""
+    chosen, chosen_mask = toy_token_logps(n, max_tokens=20, seed=seed)
+    rejected, rejected_mask = toy_token_logps(n, max_tokens=31, seed=seed + 1)  # another width: padding is exercised
+    g = torch.Generator().manual_seed(seed + 2)
+    ref_chosen = summed_logps(chosen, chosen_mask) + policy_shift * torch.randn(n, generator=g)
+    ref_rejected = summed_logps(rejected, rejected_mask) + policy_shift * torch.randn(n, generator=g)
+    return (chosen, chosen_mask, rejected, rejected_mask), ref_chosen, ref_rejected
+
+
 # --------------------------------------------------------------------------------------------------
-# Diagrams
+# Summed and mean log-probs, RPO
 # --------------------------------------------------------------------------------------------------
 
 
-def texts(fig) -> str:
-    return "\n".join(t.get_text() for ax in fig.axes for t in ax.texts)
+def test_summed_and_mean_log_probs():
+    logps = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(summed_logps(logps, mask), torch.tensor([-3.0, -1.5]))
+    # SFT's mean is over all answer tokens of the batch (token-weighted), not a mean of per-answer means.
+    torch.testing.assert_close(token_mean_nll(logps, mask), torch.tensor(4.5 / 5))
 
 
-@pytest.mark.parametrize(
-    ("draw", "labels"),
-    [
-        (draw_sft_pipeline, ["Demonstrations", "Base model", "SFT: minimise", "SFT model"]),
-        (
-            draw_rlhf_pipeline,
-            ["Preference pairs", "Reward model", "Bradley-Terry", "Policy", "PPO", "Reference"],
-        ),
-        (draw_dpo_pipeline, ["Preference pairs", "SFT model", "Policy", "Reference", "DPO loss"]),
-    ],
-)
-def test_pipeline_diagrams(draw, labels, tmp_path):
-    fig = draw()
-    shown = texts(fig)
-    for label in labels:
-        assert label in shown
-    assert "Reward model" not in shown or draw is draw_rlhf_pipeline
-    assert not list(tmp_path.iterdir())
-    draw(tmp_path / "pipeline.png")
-    assert (tmp_path / "pipeline.png").stat().st_size > 10_000
+def test_toy_token_logps_are_log_probs_of_answers_of_random_length():
+    logps, mask = toy_token_logps(200, max_tokens=12, seed=3)
+    lengths = mask.sum(-1)
+    assert (logps <= 0).all() and (logps[mask == 0] == 0).all() and (logps[mask == 1] < 0).any()
+    assert lengths.min() >= 1 and lengths.max() <= 12 and len(set(lengths.tolist())) > 6
+    assert (mask[:, :-1] >= mask[:, 1:]).all()  # each answer is a prefix: no holes
 
 
-def test_plot_dpo_loss_vs_margin():
-    betas = (0.1, 0.5, 1.0)
-    fig = plot_dpo_loss_vs_margin(betas, max_margin=20.0)
-    ax_loss, ax_push = fig.axes
-    curves = [line for line in ax_loss.get_lines() if not line.get_label().startswith("_")]
-    assert [line.get_label() for line in curves] == [f"$\\beta$ = {b:g}" for b in betas]
-    for beta, loss_line, push_line in zip(betas, curves, ax_push.get_lines(), strict=True):
-        x, loss, push = loss_line.get_xdata(), loss_line.get_ydata(), push_line.get_ydata()
-        middle = len(x) // 2
-        assert x[middle] == pytest.approx(0, abs=1e-5) and loss[middle] == pytest.approx(math.log(2))
-        assert push[0] == pytest.approx(beta / (1 + math.exp(-beta * 20.0)), rel=1e-5)  # β σ(β · 20)
-        assert push[middle] == pytest.approx(beta / 2)
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_rpo_loss_matches_trl(shift):
+    answers, ref_chosen, ref_rejected = batch(policy_shift=shift)
+    loss, sigmoid_term, nll_term = rpo_loss(*answers, ref_chosen, ref_rejected, beta=0.3)
+    trl, logged = trl_batch_loss(*answers, ref_chosen, ref_rejected, 0.3, ("sigmoid", "sft"))
+    assert abs(loss - trl) < 1e-5
+    assert nll_term == pytest.approx(token_mean_nll(answers[0], answers[1]).item())
+    policy_chosen, policy_rejected = summed_logps(*answers[:2]), summed_logps(*answers[2:])
+    _, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 0.3)
+    assert logged["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-5)
+    assert logged["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-5)
+
+
+def test_rpo_nll_weight_is_trls_loss_weight():
+    answers, ref_chosen, ref_rejected = batch(policy_shift=1.0, seed=5)
+    loss, sigmoid_term, nll_term = rpo_loss(*answers, ref_chosen, ref_rejected, 0.1, nll_weight=0.25)
+    trl, _ = trl_batch_loss(*answers, ref_chosen, ref_rejected, 0.1, ("sigmoid", "sft"), (1.0, 0.25))
+    assert abs(loss - trl) < 1e-5 and loss == pytest.approx((sigmoid_term + 0.25 * nll_term).item())
+    plain, _ = trl_batch_loss(*answers, ref_chosen, ref_rejected, 0.1, ("sigmoid",))
+    assert abs(plain - sigmoid_term) < 1e-5  # the summed-log-prob DPO term, through TRL's padding and masks
+
+
+def test_step0_loss_is_log2_plus_the_nll():
+    answers, ref_chosen, ref_rejected = batch(policy_shift=0.0, seed=7)
+    loss, sigmoid_term, nll_term = rpo_loss(*answers, ref_chosen, ref_rejected, 0.1)
+    trl, logged = trl_batch_loss(*answers, ref_chosen, ref_rejected, 0.1, ("sigmoid", "sft"))
+    assert sigmoid_term.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert nll_term > 0.5 and loss.item() == pytest.approx(math.log(2) + nll_term.item(), rel=1e-6)
+    assert abs(trl - loss) < 1e-5 and logged["rewards/margins"] == 0.0
+
+
+def test_summed_log_ratios_make_dpo_length_sensitive_and_trls_norm_variant_is_not():
+    # The policy lowers every token of both answers by the same 0.1 nats; the rejected answer is 8× longer.
+    lengths = torch.tensor([[5], [40]])
+    mask = (torch.arange(40) < lengths).float()
+    reference = -torch.ones(2, 40) * mask
+    policy = reference - 0.1 * mask
+    ref_w, ref_l = summed_logps(reference, mask)
+    answers = (policy[:1], mask[:1], policy[1:], mask[1:])
+    summed, _ = trl_batch_loss(*answers, ref_w.reshape(1), ref_l.reshape(1), 0.1, ("sigmoid",))
+    normalised, _ = trl_batch_loss(*answers, ref_w.reshape(1), ref_l.reshape(1), 0.1, ("sigmoid_norm",))
+    assert summed.item() == pytest.approx(math.log1p(math.exp(-0.1 * 3.5)), rel=1e-5)  # margin −0.5 + 4.0 = 3.5
+    assert normalised.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# β under Adam; the infinite optimum
+# --------------------------------------------------------------------------------------------------
+
+
+def test_adam_step_size_does_not_depend_on_beta_but_sgd_does():
+    for beta in (0.05, 0.5, 5.0):
+        assert optimise_margin(beta, 1, lr=0.1)[0] == pytest.approx(0.1)  # Adam's first step is lr
+        assert optimise_margin(beta, 1, lr=0.1, optimizer="sgd")[0] == pytest.approx(0.1 * beta / 2)
+
+
+def test_larger_beta_saturates_sooner_under_adam():
+    final = [optimise_margin(beta, 200, lr=0.1)[-1] for beta in (0.1, 0.5, 1.0)]
+    assert final[0] > final[1] > final[2] > 1.0
+    trajectory = optimise_margin(0.1, 200, lr=0.1)
+    assert all(b > a for a, b in zip(trajectory, trajectory[1:], strict=False))  # never stops: no finite optimum
+
+
+def test_dpo_loss_has_no_finite_minimum():
+    m = torch.tensor([1.0, 10.0, 50.0, 200.0], dtype=torch.float64)
+    for beta in (0.1, 1.0):
+        losses = dpo_loss(m, 0 * m, 0 * m, 0 * m, beta)[0]
+        assert (losses > 0).all() and (losses[1:] < losses[:-1]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# NF4
+# --------------------------------------------------------------------------------------------------
+
+
+def test_nf4_levels():
+    levels = nf4_levels()
+    assert len(levels) == 16 and (levels[1:] > levels[:-1]).all()
+    assert (levels < 0).sum() == 7 and (levels == 0).sum() == 1 and (levels > 0).sum() == 8
+    assert levels[0] == -1 and levels[-1] == 1
+
+
+def test_nf4_quantize_unpacks_what_bitsandbytes_stores():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    weight = 0.02 * torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    scaled, codes = nf4_quantize(weight)
+    levels = nf4_levels()
+    assert codes.shape == scaled.shape == (weight.numel(),) and scaled.abs().max() == pytest.approx(1.0)
+    assert (codes == (scaled[:, None] - levels).abs().argmin(1)).all()  # the nearest level
+    packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+    dequantized = functional.dequantize_4bit(packed, state).flatten()
+    torch.testing.assert_close(dequantized, (levels[codes].reshape(-1, 64) * state.absmax[:, None]).flatten())
+    shares = torch.bincount(codes, minlength=16) / codes.numel()
+    assert shares.min() > 0.01 and shares.max() < 0.12  # roughly equal use on normal weights
