@@ -78,3 +78,26 @@ def test_each_gpu_notebook_states_its_estimate(number):
     intro = " ".join("".join(notebook["cells"][0]["source"]).split())
     quick, full = (duration(ESTIMATE["profiles"][p]["minutes_by_notebook"][number]) for p in ("quick", "full"))
     assert f"`quick` (the default on a GPU) about {quick}, `full` about {full}." in intro
+
+
+SEEDS = json.loads((PROJECT_ROOT / "benchmarks/results/smoke-seeds.json").read_text())
+
+
+def spread(values: list[float]) -> str:
+    """Min / median / max as the README writes them (the median of an even count: the upper one, as the script's)."""
+    ordered = sorted(values)
+    return f"{ordered[0]:.2f} / {ordered[len(ordered) // 2]:.2f} / {ordered[-1]:.2f}"
+
+
+def test_the_seeds_paragraph_is_the_committed_seeds_run():
+    records = SEEDS["records"]
+    assert f"--seeds {records[0]['seed']} … {records[-1]['seed']}" in PROSE
+    row = " | ".join(spread([r["better_answer_rate"][m] for r in records]) for m in ("base", "sft", "dpo"))
+    assert f"| better-answer rate on held-out problems | {row} |" in README
+    assert f"implicit-reward accuracy: {spread([r['dpo_reward_accuracy'] for r in records])}" in PROSE
+    step0_zero = all(r["reward_accuracy_before"] == 0 and r["step0_reward_abs_max"] == 0 for r in records)
+    claim = "step-0 evaluation of DPO gives implicit rewards of exactly 0 and a reward accuracy of 0 on every seed"
+    assert step0_zero and claim in PROSE
+    ratios = [r["sft_loss_last"] / r["sft_loss_first"] for r in records]
+    assert f"the last SFT loss is {min(ratios):.2f} to {max(ratios):.2f} of the first" in PROSE
+    assert f"{sum(not r['failures'] for r in records)} of {len(records)} seeds meet every criterion" in PROSE
